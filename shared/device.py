@@ -1,0 +1,64 @@
+"""Device choice (CUDA, Apple MPS, CPU), seeding, and a summary of the reader's machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+
+import numpy as np
+import torch
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """Best available device: CUDA, then Apple MPS, then CPU.
+
+    ``prefer`` (or the ``BOOK_DEVICE`` environment variable) forces one, e.g. ``"cpu"``.
+    """
+    choice = (prefer or os.environ.get("BOOK_DEVICE", "")).strip().lower()
+    if choice:
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {choice!r} requested but CUDA is not available")
+        if choice == "mps" and not _mps_available():
+            raise RuntimeError("device 'mps' requested but Apple MPS is not available")
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (all devices); return a CPU generator seeded alike."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA and MPS generators
+    return torch.Generator().manual_seed(seed)
+
+
+def describe_environment() -> dict[str, str]:
+    """What the reader is running: versions, cores, threads, accelerator, run mode."""
+    from shared.mode import get_mode
+
+    device = get_device()
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "device": str(device),
+        "BOOK_MODE": get_mode(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+        info["bf16 supported"] = str(torch.cuda.is_bf16_supported())
+    return info
