@@ -149,6 +149,7 @@ def attention_heatmap(
             linecolor="white",
         )
         ax.set_facecolor("#f2f2f2")
+        ax.grid(False)
         ax.set_title(titles[h] if titles is not None else (f"head {h}" if n_heads > 1 else ""))
         ax.tick_params(axis="x", labelrotation=90, labelsize=8)
         ax.tick_params(axis="y", labelrotation=0, labelsize=8)
