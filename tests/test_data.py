@@ -1,0 +1,119 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from shared import data
+from shared.data import (
+    REGISTRY,
+    ChecksumError,
+    DataFile,
+    DataUnavailableError,
+    fetch,
+    register,
+    sha256sum,
+)
+
+PAYLOAD = b"To be, or not to be, that is the question.\n" * 50
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """An isolated cache, no mirror, and a registered file served from a file:// URL."""
+    monkeypatch.setenv("BOOK_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("BOOK_DATA_MIRROR", raising=False)
+    origin = tmp_path / "origin" / "hamlet.txt"
+    origin.parent.mkdir()
+    origin.write_bytes(PAYLOAD)
+    entry = register(
+        DataFile("hamlet-test", origin.as_uri(), PAYLOAD_SHA, "hamlet/hamlet.txt")
+    )
+    yield tmp_path, entry
+    REGISTRY.pop("hamlet-test", None)
+
+
+def test_download_verifies_and_caches(sandbox):
+    tmp_path, entry = sandbox
+    path = fetch("hamlet-test")
+    assert path == tmp_path / "cache" / "hamlet" / "hamlet.txt"
+    assert path.read_bytes() == PAYLOAD
+    # the second call is served from the cache even when the origin disappears
+    (tmp_path / "origin" / "hamlet.txt").unlink()
+    assert fetch("hamlet-test") == path
+
+
+def test_mirror_is_used_before_the_network(sandbox, monkeypatch):
+    tmp_path, entry = sandbox
+    mirror = tmp_path / "mirror"
+    (mirror / "hamlet").mkdir(parents=True)
+    (mirror / "hamlet" / "hamlet.txt").write_bytes(PAYLOAD)
+    (tmp_path / "origin" / "hamlet.txt").unlink()  # network copy gone
+    monkeypatch.setenv("BOOK_DATA_MIRROR", str(mirror))
+    assert fetch("hamlet-test").read_bytes() == PAYLOAD
+
+
+def test_bad_mirror_file_is_rejected(sandbox, monkeypatch):
+    tmp_path, entry = sandbox
+    mirror = tmp_path / "mirror"
+    (mirror / "hamlet").mkdir(parents=True)
+    (mirror / "hamlet" / "hamlet.txt").write_bytes(PAYLOAD + b"tampered")
+    monkeypatch.setenv("BOOK_DATA_MIRROR", str(mirror))
+    with pytest.raises(ChecksumError, match="expected"):
+        fetch("hamlet-test")
+    assert not (tmp_path / "cache" / "hamlet" / "hamlet.txt").exists()
+
+
+def test_corrupt_download_is_not_kept(sandbox):
+    tmp_path, entry = sandbox
+    (tmp_path / "origin" / "hamlet.txt").write_bytes(b"something else")
+    with pytest.raises(ChecksumError, match="discarded"):
+        fetch("hamlet-test")
+    cache = tmp_path / "cache" / "hamlet"
+    assert not any(cache.iterdir()), "no partial or corrupt file may remain"
+
+
+def test_corrupt_cached_file_is_replaced(sandbox):
+    tmp_path, entry = sandbox
+    dest = tmp_path / "cache" / "hamlet" / "hamlet.txt"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"truncated")
+    assert fetch("hamlet-test").read_bytes() == PAYLOAD
+
+
+def test_offline_without_mirror_says_where_to_put_the_file(sandbox):
+    tmp_path, entry = sandbox
+    register(
+        DataFile("offline-test", "http://127.0.0.1:9/none.txt", PAYLOAD_SHA, "o/none.txt")
+    )
+    try:
+        with pytest.raises(DataUnavailableError) as info:
+            fetch("offline-test", timeout=2)
+        message = str(info.value)
+        assert str(tmp_path / "cache" / "o" / "none.txt") in message
+        assert "BOOK_DATA_MIRROR" in message and PAYLOAD_SHA in message
+    finally:
+        REGISTRY.pop("offline-test", None)
+
+
+def test_unknown_name():
+    with pytest.raises(KeyError, match="tinyshakespeare"):
+        fetch("no-such-file")
+
+
+def test_tiny_shakespeare_is_registered_with_its_published_facts():
+    entry = REGISTRY["tinyshakespeare"]
+    assert entry.size == 1_115_394
+    assert entry.sha256.startswith("86c4e6aa")
+    assert entry.url.startswith("https://")
+
+
+def test_tiny_shakespeare_fetch_when_available():
+    """Runs for real wherever the corpus is reachable (mirror, cache or network)."""
+    try:
+        path = fetch("tinyshakespeare", timeout=10)
+    except DataUnavailableError as err:
+        pytest.skip(f"corpus not reachable here: {err}")
+    assert path.stat().st_size == 1_115_394
+    assert sha256sum(path) == REGISTRY["tinyshakespeare"].sha256
+    assert Path(data.cache_dir()) in path.parents
