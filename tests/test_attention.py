@@ -1,0 +1,145 @@
+"""Attention: explicit math == fused path == PyTorch's scaled_dot_product_attention."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.attention import (
+    CausalSelfAttention,
+    MultiHeadAttention,
+    apply_rope,
+    causal_attention,
+    causal_mask,
+    rope_cache,
+)
+
+SHAPES = [(1, 1, 1, 4), (2, 3, 5, 8), (3, 4, 17, 16), (1, 2, 64, 32)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_explicit_equals_fused_equals_sdpa(shape):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    explicit = causal_attention(q, k, v, impl="explicit")
+    fused = causal_attention(q, k, v, impl="fused")
+    torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_matches_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(5, 4, generator=g) for _ in range(3))
+    out, w = causal_attention(q, k, v, impl="explicit", return_weights=True)
+    for i in range(5):  # row i: softmax over keys 0..i only
+        s = torch.stack([q[i] @ k[j] / math.sqrt(4) for j in range(i + 1)])
+        torch.testing.assert_close(w[i, : i + 1], torch.softmax(s, 0))
+        torch.testing.assert_close(out[i], torch.softmax(s, 0) @ v[: i + 1])
+
+
+def test_masked_positions_have_exactly_zero_weight():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    _, w = causal_attention(q, k, v, impl="explicit", return_weights=True)
+    future = causal_mask(9, 9)
+    assert torch.all(w[..., future] == 0.0)
+    assert torch.all(w[..., ~future] > 0.0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 9))
+
+
+def test_queries_over_cached_keys_align_bottom_right():
+    # the last 3 queries over 7 keys must equal the last 3 rows of full attention
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 7, 8, generator=g) for _ in range(3))
+    full = causal_attention(q, k, v, impl="explicit")
+    for impl in ("explicit", "fused"):
+        part = causal_attention(q[:, :, -3:], k, v, impl=impl)
+        torch.testing.assert_close(part, full[:, :, -3:], atol=1e-5, rtol=1e-5)
+
+
+def _module(impl="fused", dropout=0.0, rope=False):
+    torch.manual_seed(0)
+    return MultiHeadAttention(32, 4, 16, dropout=dropout, rope=rope, impl=impl)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_module_paths_agree(rope):
+    m = _module(rope=rope).eval()
+    x = torch.randn(3, 11, 32)
+    fused = m(x, impl="fused")
+    explicit, w = m(x, return_weights=True)
+    torch.testing.assert_close(m(x, impl="explicit"), fused, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+    assert w.shape == (3, 4, 11, 11)
+    assert torch.all(w[..., causal_mask(11, 11)] == 0)
+
+
+def test_module_matches_sdpa_with_same_weights():
+    m = _module().eval()
+    x = torch.randn(2, 6, 32)
+    q, k, v = m.c_attn(x).split(32, dim=2)
+    q, k, v = (z.view(2, 6, 4, 8).transpose(1, 2) for z in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = m.c_proj(y.transpose(1, 2).reshape(2, 6, 32))
+    torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["explicit", "fused"])
+def test_dropout_off_in_eval_on_in_train(impl):
+    m = _module(impl=impl, dropout=0.5)
+    x = torch.randn(2, 8, 32)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))  # deterministic in eval
+    torch.testing.assert_close(m(x), _module(impl=impl).eval()(x))  # == no dropout
+    m.train()
+    assert not torch.allclose(m(x), m(x))
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    m = _module().eval()
+    x = torch.randn(1, 10, 32)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn(1, 4, 32)
+    torch.testing.assert_close(m(x2)[:, :6], y[:, :6])
+
+
+def test_built_from_config():
+    cfg = SimpleNamespace(
+        n_embd=24,
+        n_head=3,
+        context_length=8,
+        dropout=0.0,
+        bias=False,
+        pos_encoding="rope",
+        attn_impl="explicit",
+    )
+    m = CausalSelfAttention(cfg)
+    assert m.rope and m.impl == "explicit" and m.c_attn.bias is None
+    assert isinstance(MultiHeadAttention.from_config(cfg), MultiHeadAttention)
+    assert m(torch.randn(2, 8, 24)).shape == (2, 8, 24)
+
+
+def test_rope_is_a_rotation_with_relative_scores():
+    cos, sin = rope_cache(8, 32)
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    # rotation keeps norms; the score depends only on the distance between positions
+    rq = apply_rope(q.expand(32, 8), cos, sin)
+    rk = apply_rope(k.expand(32, 8), cos, sin)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(32))
+    torch.testing.assert_close(rq[5] @ rk[2], rq[20] @ rk[17], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rq[0], q)  # position 0 is not rotated
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(30, 4, 8)
+    with pytest.raises(ValueError, match="impl"):
+        MultiHeadAttention(32, 4, 8, impl="flash")
+    q = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="explicit"):
+        causal_attention(q, q, q, impl="fused", return_weights=True)
