@@ -1,0 +1,374 @@
+"""The GPT model: config, pre-norm transformer blocks, and a loader for GPT-2's weights.
+
+Reads top to bottom like nanoGPT's ``model.py``: ``GPTConfig`` -> norms -> feed-forward
+-> ``Block`` -> ``GPT``. Parameter names follow GPT-2's (``transformer.h.0.attn.c_attn``
+...), so Hugging Face's GPT-2 state dict loads with only a few transposes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.attention import CausalSelfAttention
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rope")
+NORMS = ("layernorm", "rmsnorm")
+FFNS = ("gelu", "swiglu")
+ATTN_IMPLS = ("fused", "explicit")
+
+# name -> (n_layer, n_head, n_embd) of the four published GPT-2 models
+GPT2_SIZES = {
+    "124M": (12, 12, 768),
+    "355M": (24, 16, 1024),
+    "774M": (36, 20, 1280),
+    "1558M": (48, 25, 1600),
+}
+GPT2_ALIASES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M"}
+GPT2_ALIASES |= {"gpt2-xl": "1558M", "1.5B": "1558M"}
+
+
+@dataclass
+class GPTConfig:
+    """Everything that fixes the shapes and the architecture of a ``GPT``."""
+
+    vocab_size: int
+    context_length: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and norms (GPT-2: True)
+    pos_encoding: str = "learned"  # "learned" | "sinusoidal" | "rope"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    ffn: str = "gelu"  # "gelu" | "swiglu"
+    tie_weights: bool = True  # output head shares the token-embedding matrix
+    attn_impl: str = "fused"  # "fused" | "explicit"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in [
+            ("pos_encoding", self.pos_encoding, POS_ENCODINGS),
+            ("norm", self.norm, NORMS),
+            ("ffn", self.ffn, FFNS),
+            ("attn_impl", self.attn_impl, ATTN_IMPLS),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+            )
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("RoPE needs an even head dimension (n_embd // n_head)")
+
+    @classmethod
+    def gpt2(cls, size: str = "124M", **overrides) -> GPTConfig:
+        """The published GPT-2 shapes: "124M", "355M", "774M", "1558M" (or HF names)."""
+        key = GPT2_ALIASES.get(size, size)
+        if key not in GPT2_SIZES:
+            names = sorted(GPT2_SIZES) + sorted(GPT2_ALIASES)
+            raise ValueError(f"unknown GPT-2 size {size!r}; choose from {names}")
+        n_layer, n_head, n_embd = GPT2_SIZES[key]
+        base = dict(vocab_size=50257, context_length=1024, n_layer=n_layer)
+        base |= dict(n_head=n_head, n_embd=n_embd)
+        return cls(**(base | overrides))
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: rescale each vector to unit RMS, no mean subtraction."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = x.pow(2).mean(dim=-1, keepdim=True).add(self.eps).sqrt()
+        return x / rms * self.weight
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (Llama) over the embedding dimension."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class MLP(nn.Module):
+    """GPT-2's feed-forward: widen 4x, GELU, project back."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 was trained with the tanh approximation of GELU; exact GELU would
+        # shift loaded GPT-2 logits by ~1e-3
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    """SwiGLU width: 2/3 of 4*n_embd (parameters of the GELU MLP), multiple of 8."""
+    return 8 * math.ceil(8 * n_embd / 3 / 8)
+
+
+class SwiGLU(nn.Module):
+    """Llama's feed-forward: silu(x W_gate) * (x W_up), projected back."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        hidden = swiglu_hidden(config.n_embd)
+        # gate and up projections in one matmul, like c_attn holds q, k and v
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.ffn == "swiglu" else MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if return_weights:
+            a, weights = self.attn(self.ln_1(x), return_weights=True)
+            x = x + a
+            return x + self.mlp(self.ln_2(x)), weights
+        x = x + self.attn(self.ln_1(x))  # the residual stream carries x unchanged
+        return x + self.mlp(self.ln_2(x))
+
+
+def sinusoidal_table(context_length: int, n_embd: int) -> torch.Tensor:
+    """The fixed (T, C) sin/cos position table of "Attention Is All You Need"."""
+    pos = torch.arange(context_length).float()[:, None]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, n_embd, 2).float() / n_embd)
+    table = torch.zeros(context_length, n_embd)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq[: n_embd // 2])
+    return table
+
+
+# ---------------------------------------------------------------------------- GPT
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model (GPT-2 and its modern variants)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=make_norm(config),
+        )
+        if config.pos_encoding == "learned":
+            layers["wpe"] = nn.Embedding(config.context_length, config.n_embd)
+        self.transformer = nn.ModuleDict(layers)
+        if config.pos_encoding == "sinusoidal":
+            table = sinusoidal_table(config.context_length, config.n_embd)
+            self.register_buffer("pos_table", table, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: each residual projection is scaled by 1/sqrt(2 n_layer) so the residual
+        # stream's variance does not grow with depth (2 additions per block)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (tied weights once); optionally without position and
+        token-embedding tables (an untied output head still counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2:
+            raise ValueError(
+                f"idx must be (batch, time) token ids, got shape {idx.shape}"
+            )
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"idx must hold integer token ids, got {idx.dtype}")
+        t = idx.size(1)
+        if t > self.config.context_length:
+            raise ValueError(
+                f"sequence of {t} tokens is longer than the model's context_length="
+                f"{self.config.context_length}; crop it (e.g. idx[:, -context_length:])"
+            )
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must be in [0, {self.config.vocab_size}); got min "
+                f"{int(idx.min())}, max {int(idx.max())} (wrong tokenizer?)"
+            )
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_encoding == "learned":
+            x = x + self.transformer.wpe(torch.arange(t, device=idx.device))
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[:t]
+        # RoPE: positions enter inside attention, by rotating queries and keys
+        return self.transformer.drop(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab); with ``targets`` also the mean cross-entropy (nats)."""
+        x = self._embed(idx)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+        )
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Attention weights of every layer and head: (n_layer, B, n_head, T, T)."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = self._embed(idx)
+            maps = []
+            for block in self.transformer.h:
+                x, weights = block(x, return_weights=True)
+                maps.append(weights)
+        finally:
+            self.train(was_training)
+        return torch.stack(maps)
+
+    @classmethod
+    def from_gpt2(
+        cls, state_dict: Mapping[str, torch.Tensor], config: GPTConfig | None = None
+    ) -> GPT:
+        """A GPT holding Hugging Face GPT-2 weights; config inferred if not given."""
+        config = config or gpt2_config_from_state_dict(state_dict)
+        model = cls(config)
+        load_gpt2_weights(model, state_dict)
+        return model
+
+
+# ---------------------------------------------------------------------------- GPT-2
+
+# HF's GPT-2 uses Conv1D layers that store weights as (in, out): transpose these
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight")
+_CONV1D += ("mlp.c_proj.weight",)
+# buffers (causal mask) that some transformers versions keep in the state dict
+_IGNORED = re.compile(r".*\.attn\.(bias|masked_bias)$")
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as in GPT2LMHeadModel ('transformer.h.0...', optional 'lm_head.weight')."""
+    out = {}
+    for key, value in state_dict.items():
+        if _IGNORED.match(key):
+            continue
+        if key.startswith(("transformer.", "lm_head.")):
+            out[key] = value
+        else:  # GPT2Model / hub safetensors keys lack the prefix: 'h.0.attn...'
+            out["transformer." + key] = value
+    return out
+
+
+def gpt2_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> GPTConfig:
+    """Infer a GPT-2 config from weight shapes (n_head assumes GPT-2's head size 64)."""
+    sd = _strip_prefix(state_dict)
+    vocab_size, n_embd = sd["transformer.wte.weight"].shape
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("transformer.h.")}
+    return GPTConfig(
+        vocab_size=vocab_size,
+        context_length=sd["transformer.wpe.weight"].shape[0],
+        n_layer=len(layers),
+        n_head=max(1, n_embd // 64),
+        n_embd=n_embd,
+    )
+
+
+@torch.no_grad()
+def load_gpt2_weights(model: GPT, state_dict: Mapping[str, torch.Tensor]) -> GPT:
+    """Copy a Hugging Face GPT-2 state dict into ``model`` (in place; returned too)."""
+    cfg = model.config
+    if (cfg.pos_encoding, cfg.norm, cfg.ffn, cfg.bias) != (
+        "learned",
+        "layernorm",
+        "gelu",
+        True,
+    ):
+        raise ValueError(
+            "GPT-2 weights need pos_encoding='learned', norm='layernorm', ffn='gelu', "
+            f"bias=True; got {cfg.pos_encoding!r}, {cfg.norm!r}, {cfg.ffn!r}, "
+            f"bias={cfg.bias}"
+        )
+    source = _strip_prefix(state_dict)
+    target = model.state_dict()
+    head = source.pop("lm_head.weight", None)
+    if cfg.tie_weights:
+        target.pop("lm_head.weight", None)
+        wte = source.get("transformer.wte.weight")
+        if head is not None and wte is not None and not torch.equal(head, wte):
+            raise ValueError(
+                "lm_head.weight differs from wte.weight: use tie_weights=False"
+            )
+    elif head is not None:
+        source["lm_head.weight"] = head
+    elif "transformer.wte.weight" in source:  # untied model, tied checkpoint
+        source["lm_head.weight"] = source["transformer.wte.weight"]
+
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not fit this GPT: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key, value in source.items():
+        if key.endswith(_CONV1D):
+            value = value.t()
+        if value.shape != target[key].shape:
+            raise ValueError(
+                f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model "
+                f"{tuple(target[key].shape)} — is the config the checkpoint's config?"
+            )
+        target[key].copy_(value)
+    return model

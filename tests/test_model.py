@@ -1,0 +1,230 @@
+"""GPT model: logits equal to Hugging Face GPT-2, clear errors, counting helpers."""
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from shared.flops import flops_per_token, parameter_counts, weight_memory_bytes
+from shared.model import (
+    GPT,
+    GPTConfig,
+    RMSNorm,
+    gpt2_config_from_state_dict,
+    load_gpt2_weights,
+    sinusoidal_table,
+)
+
+VOCAB, CTX, LAYERS, HEADS, EMBD = 101, 32, 3, 4, 48
+
+
+def small_config(**kw) -> GPTConfig:
+    return GPTConfig(VOCAB, CTX, LAYERS, HEADS, EMBD, **kw)
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=CTX,
+        n_embd=EMBD,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    # HF initialises biases and LayerNorms to 0/1: randomise them so the test sees them
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
+def test_logits_match_huggingface_gpt2(hf_model, attn_impl):
+    model = GPT.from_gpt2(hf_model.state_dict(), small_config(attn_impl=attn_impl))
+    model.eval()
+    idx = torch.randint(0, VOCAB, (4, CTX), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf_model(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    with torch.no_grad():  # and on a prefix shorter than the context
+        short = model(idx[:, :7]) - hf_model(idx[:, :7]).logits
+    assert short.abs().max().item() < 1e-4
+
+
+def test_loss_matches_huggingface(hf_model):
+    model = GPT.from_gpt2(hf_model.state_dict(), small_config()).eval()
+    idx = torch.randint(0, VOCAB, (2, CTX), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        hf_loss = hf_model(idx, labels=idx).loss  # HF shifts labels itself
+    torch.testing.assert_close(loss, hf_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_loader_accepts_unprefixed_keys_and_mask_buffers(hf_model):
+    # the hub's model.safetensors has 'h.0.attn...' keys, no lm_head; old versions
+    # also stored the causal-mask buffers 'attn.bias' / 'attn.masked_bias'
+    sd = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()}
+    del sd["lm_head.weight"]
+    sd["h.0.attn.bias"] = torch.ones(1, 1, CTX, CTX)
+    sd["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    model = GPT.from_gpt2(sd, small_config()).eval()
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf_model(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_untied_model_gets_the_shared_head(hf_model):
+    model = GPT.from_gpt2(hf_model.state_dict(), small_config(tie_weights=False))
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(model.lm_head.weight, model.transformer.wte.weight)
+
+
+def test_config_inferred_from_state_dict():
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=53, n_positions=16, n_embd=128, n_layer=2, n_head=2)
+    )
+    cfg = gpt2_config_from_state_dict(hf.state_dict())
+    assert (cfg.vocab_size, cfg.context_length, cfg.n_layer) == (53, 16, 2)
+    assert (cfg.n_embd, cfg.n_head) == (128, 2)  # GPT-2's head size is 64
+
+
+def test_shape_mismatch_is_a_clear_error(hf_model):
+    wrong = GPT(GPTConfig(VOCAB + 1, CTX, LAYERS, HEADS, EMBD))
+    with pytest.raises(ValueError, match="shape mismatch for transformer.wte.weight"):
+        load_gpt2_weights(wrong, hf_model.state_dict())
+    deeper = GPT(GPTConfig(VOCAB, CTX, LAYERS + 1, HEADS, EMBD))
+    with pytest.raises(ValueError, match="missing"):
+        load_gpt2_weights(deeper, hf_model.state_dict())
+    with pytest.raises(ValueError, match="rmsnorm"):
+        load_gpt2_weights(GPT(small_config(norm="rmsnorm")), hf_model.state_dict())
+
+
+def test_too_long_and_out_of_vocab_inputs_are_clear_errors():
+    model = GPT(small_config())
+    with pytest.raises(ValueError, match="longer than the model's context_length=32"):
+        model(torch.zeros(1, CTX + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 101\)"):
+        model(torch.tensor([[1, 2, VOCAB]]))
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.zeros(1, 4))
+
+
+def test_weight_tying_shares_one_tensor():
+    tied = GPT(small_config())
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    untied = GPT(small_config(tie_weights=False))
+    assert untied.num_parameters() - tied.num_parameters() == VOCAB * EMBD
+
+
+def test_parameter_count_matches_huggingface(hf_model):
+    model = GPT(small_config())
+    assert model.num_parameters() == hf_model.num_parameters()
+    non_emb = model.num_parameters(exclude_embeddings=True)
+    assert non_emb == model.num_parameters() - (VOCAB + CTX) * EMBD
+    assert parameter_counts(small_config())["total"] == model.num_parameters()
+
+
+def test_gpt2_presets_have_the_published_sizes():
+    # counts of the published checkpoints (tied head counted once)
+    expected = {"124M": 124_439_808, "355M": 354_823_168}
+    expected |= {"774M": 774_030_080, "1558M": 1_557_611_200}
+    for size, n in expected.items():
+        assert parameter_counts(GPTConfig.gpt2(size))["total"] == n
+    assert GPTConfig.gpt2("gpt2-xl") == GPTConfig.gpt2("1558M")
+    with pytest.raises(ValueError, match="unknown GPT-2 size"):
+        GPTConfig.gpt2("7B")
+
+
+def test_flops_and_memory():
+    cfg = GPTConfig.gpt2("124M")
+    f = flops_per_token(cfg)
+    # N: everything but the position table (tied head = the V x d matmul)
+    assert f["N"] == 124_439_808 - 1024 * 768
+    assert f["attention"] == 12 * 12 * 1024 * 768
+    assert f["total"] == 6 * f["N"] + f["attention"]
+    assert weight_memory_bytes(10, "bf16") == 20
+    assert weight_memory_bytes(10, "fp32") == 40
+
+
+def test_gpt2_init_scales_residual_projections():
+    cfg = GPTConfig(50, 16, 8, 4, 256)
+    model = GPT(cfg)
+    proj = model.transformer.h[0].attn.c_proj.weight
+    fc = model.transformer.h[0].mlp.c_fc.weight
+    assert abs(fc.std().item() - 0.02) < 0.002
+    assert abs(proj.std().item() - 0.02 / math.sqrt(2 * 8)) < 0.001
+    assert torch.all(model.transformer.h[0].mlp.c_fc.bias == 0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(pos_encoding="rope"),
+        dict(pos_encoding="sinusoidal"),
+        dict(norm="rmsnorm", ffn="swiglu", bias=False),
+        dict(pos_encoding="rope", norm="rmsnorm", ffn="swiglu", tie_weights=False),
+        dict(attn_impl="explicit", dropout=0.1),
+    ],
+)
+def test_variants_forward_backward(kw):
+    torch.manual_seed(0)
+    model = GPT(small_config(**kw))
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, VOCAB, (2, 2, 16), generator=g)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 16, VOCAB)
+    assert abs(loss.item() - math.log(VOCAB)) < 0.5  # near-uniform at init
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # causality: changing the last token does not change earlier logits
+    model.eval()
+    idx2 = idx.clone()
+    idx2[:, -1] = (idx2[:, -1] + 1) % VOCAB
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[:, :-1], model(idx2)[:, :-1])
+
+
+def test_attention_maps_shape_and_agreement():
+    model = GPT(small_config(pos_encoding="rope"))
+    model.train()
+    idx = torch.randint(0, VOCAB, (2, 10))
+    maps = model.attention_maps(idx)
+    assert maps.shape == (LAYERS, 2, HEADS, 10, 10)
+    assert not maps.requires_grad and model.training  # mode restored
+    torch.testing.assert_close(maps.sum(-1), torch.ones(LAYERS, 2, HEADS, 10))
+    assert torch.all(maps.triu(diagonal=1) == 0)
+
+
+def test_rmsnorm_matches_torch():
+    x = torch.randn(3, 5, 16)
+    ours, ref = RMSNorm(16), torch.nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.uniform_()
+        ref.weight.copy_(ours.weight)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_sinusoidal_table_formula():
+    table = sinusoidal_table(20, 8)
+    pos, i = 7, 2  # PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)
+    angle = torch.tensor(pos / 10000 ** (2 * i / 8))
+    torch.testing.assert_close(table[pos, 2 * i], torch.sin(angle))
+    torch.testing.assert_close(table[pos, 2 * i + 1], torch.cos(angle))
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="pos_encoding"):
+        small_config(pos_encoding="alibi")
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(10, 8, 1, 3, 16)
