@@ -2,7 +2,8 @@
 
 ``fetch(name)`` returns a local path to a registered file. It looks, in order, at
 
-1. the download cache ``data/downloads/`` (or ``$BOOK_DATA_DIR``), if the checksum matches;
+1. the download cache ``data/downloads/`` (or ``$BOOK_DATA_DIR``), if its checksum
+   matches;
 2. a mirror folder named by ``$BOOK_DATA_MIRROR`` (for offline machines and CI);
 3. the file's public URL.
 
@@ -60,13 +61,13 @@ register(
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
         relpath="tinyshakespeare/input.txt",
         size=1_115_394,
-        description="Tiny Shakespeare: ~40k lines of Shakespeare's plays (char-rnn corpus)",
+        description="Tiny Shakespeare: ~40k lines of Shakespeare (char-rnn corpus)",
     )
 )
 
 
 def cache_dir() -> Path:
-    """The download cache: ``$BOOK_DATA_DIR`` if set, else ``data/downloads`` in the repo."""
+    """The download cache: ``$BOOK_DATA_DIR``, else ``data/downloads`` in the repo."""
     env = os.environ.get("BOOK_DATA_DIR")
     return Path(env).expanduser() if env else REPO_ROOT / "data" / "downloads"
 
@@ -125,9 +126,10 @@ def _download(entry: DataFile, dest: Path, timeout: float) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-            entry.url, timeout=timeout
-        ) as response:
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(entry.url, timeout=timeout) as response,
+        ):
             shutil.copyfileobj(response, out)
         actual = sha256sum(tmp_name)
         if actual != entry.sha256:
@@ -153,12 +155,14 @@ def _copy_atomic(src: Path, dest: Path) -> None:
             os.unlink(tmp_name)
 
 
-def _offline_message(entry: DataFile, dest: Path, mirror: str | None, err: Exception) -> str:
+def _offline_message(
+    entry: DataFile, dest: Path, mirror: str | None, err: Exception
+) -> str:
     where = (
-        f"\n  - or put it at {Path(mirror).expanduser() / entry.relpath} (BOOK_DATA_MIRROR)"
+        f"\n  - or put it at {Path(mirror).expanduser() / entry.relpath}"
+        " (BOOK_DATA_MIRROR)"
         if mirror
-        else "\n  - or set BOOK_DATA_MIRROR to a folder that holds "
-        f"{entry.relpath}"
+        else f"\n  - or set BOOK_DATA_MIRROR to a folder that holds {entry.relpath}"
     )
     return (
         f"could not download {entry.name!r} from {entry.url} ({err}).\n"

@@ -1,4 +1,4 @@
-"""Device choice (CUDA, Apple MPS, CPU), seeding, and a summary of the reader's machine."""
+"""Device choice (CUDA, Apple MPS, CPU), seeding, and a summary of the machine."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _mps_available() -> bool:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and PyTorch (all devices); return a CPU generator seeded alike."""
+    """Seed Python, NumPy and PyTorch (all devices); return a seeded CPU generator."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA and MPS generators

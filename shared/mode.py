@@ -12,7 +12,7 @@ T = TypeVar("T")
 
 
 def get_mode() -> str:
-    """Return the run mode from ``BOOK_MODE``: ``smoke``, ``laptop`` (default) or ``gpu``."""
+    """The run mode from ``BOOK_MODE``: ``smoke``, ``laptop`` (default) or ``gpu``."""
     raw = os.environ.get("BOOK_MODE", "").strip().lower()
     if not raw:
         return DEFAULT_MODE
@@ -25,7 +25,7 @@ def get_mode() -> str:
 
 
 def by_mode(*, smoke: T, laptop: T, gpu: T | None = None) -> T:
-    """Pick the value for the current mode; ``gpu`` falls back to ``laptop`` if not given."""
+    """Pick the value for the current mode; ``gpu`` falls back to ``laptop``."""
     mode = get_mode()
     if mode == "smoke":
         return smoke

@@ -10,11 +10,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-HEATMAP_CMAP = "rocket_r"  # light = little attention, dark = much; prints well in greyscale
+# light = little attention, dark = much; prints well in greyscale
+HEATMAP_CMAP = "rocket_r"
 
 
 def use_book_style(vector: bool = True) -> None:
-    """Apply the house style; in Jupyter also emit PDF next to PNG so the book gets vectors."""
+    """Apply the house style; in Jupyter also emit PDF beside PNG (vector figures)."""
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
     mpl.rcParams.update(
         {
@@ -51,7 +52,10 @@ def _inline_formats(*formats: str) -> None:
 def format_token(token: str) -> str:
     """Make a token printable on an axis: show spaces, newlines and tabs."""
     return (
-        token.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣")
+        token.replace("\r", "\\r")
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace(" ", "␣")
     )
 
 
@@ -63,7 +67,8 @@ def _to_numpy(weights) -> np.ndarray:
         arr = arr[None]
     if arr.ndim != 3:
         raise ValueError(
-            f"attention weights must be (T_q, T_k) or (heads, T_q, T_k); got {arr.shape}"
+            "attention weights must be (T_q, T_k) or (heads, T_q, T_k); "
+            f"got {arr.shape}"
         )
     return arr
 
@@ -86,8 +91,8 @@ def attention_heatmap(
 ) -> plt.Figure:
     """Draw one or several heads' attention matrices side by side with one colour bar.
 
-    ``weights``: array or tensor of shape ``(T_q, T_k)`` or ``(heads, T_q, T_k)``; rows are
-    queries (the token that attends), columns are keys (the token attended to).
+    ``weights``: array or tensor of shape ``(T_q, T_k)`` or ``(heads, T_q, T_k)``;
+    rows are queries (the token that attends), columns are keys (the token attended to).
     Entries that are exactly zero above the diagonal (causal mask) are left blank
     when ``hide_masked`` is true, so the triangle of allowed positions stands out.
     """
@@ -101,7 +106,9 @@ def attention_heatmap(
         raise ValueError(f"{len(key_tokens)} key tokens for {t_k} columns")
     if titles is not None and len(titles) != n_heads:
         raise ValueError(f"{len(titles)} titles for {n_heads} heads")
-    ylabels = [format_token(t) for t in query_tokens] if query_tokens is not None else False
+    ylabels = (
+        [format_token(t) for t in query_tokens] if query_tokens is not None else False
+    )
     xlabels = [format_token(t) for t in key_tokens] if key_tokens is not None else False
     # with many tokens, label only every k-th so labels stay legible
     step = max(1, math.ceil(max(t_q, t_k) / 32))
@@ -150,7 +157,9 @@ def attention_heatmap(
         )
         ax.set_facecolor("#f2f2f2")
         ax.grid(False)
-        ax.set_title(titles[h] if titles is not None else (f"head {h}" if n_heads > 1 else ""))
+        ax.set_title(
+            titles[h] if titles is not None else (f"head {h}" if n_heads > 1 else "")
+        )
         ax.tick_params(axis="x", labelrotation=90, labelsize=8)
         ax.tick_params(axis="y", labelrotation=0, labelsize=8)
         if h % ncols == 0:

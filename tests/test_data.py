@@ -84,7 +84,9 @@ def test_corrupt_cached_file_is_replaced(sandbox):
 def test_offline_without_mirror_says_where_to_put_the_file(sandbox):
     tmp_path, entry = sandbox
     register(
-        DataFile("offline-test", "http://127.0.0.1:9/none.txt", PAYLOAD_SHA, "o/none.txt")
+        DataFile(
+            "offline-test", "http://127.0.0.1:9/none.txt", PAYLOAD_SHA, "o/none.txt"
+        )
     )
     try:
         with pytest.raises(DataUnavailableError) as info:
