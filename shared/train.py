@@ -244,11 +244,11 @@ def bits_per_char(nats_per_token: float, n_tokens: int, n_chars: int) -> float:
     return nats_per_token * n_tokens / n_chars / math.log(2)
 
 
-# --------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------- checkpoints
 
 
 def model_config_dict(model: nn.Module) -> dict:
-    """The model's config as a plain dict (empty if the model has no dataclass config)."""
+    """The model's config as a plain dict (empty without a dataclass config)."""
     cfg = getattr(model, "config", None)
     if cfg is not None and dataclasses.is_dataclass(cfg):
         return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -302,7 +302,7 @@ def load_checkpoint(
     sampler: BatchSampler | None = None,
     restore_rng: bool = True,
 ) -> dict:
-    """Load a checkpoint from ``save_checkpoint`` into ``model`` (and optimizer, sampler).
+    """Load a ``save_checkpoint`` directory into ``model`` (optimizer, sampler).
 
     Refuses a checkpoint whose model config differs from ``model.config``, and never
     unpickles arbitrary objects. Returns the JSON metadata (step, configs, history).

@@ -185,8 +185,8 @@ def test_resume_is_bit_identical(tmp_path):
     cfg = _cfg(max_steps=20, grad_accum_steps=2)
     full = train(_model(), _data(), _data(seed=1), cfg, progress=False)
     ckpt = tmp_path / "ckpt"
-    first = train(_model(), _data(), _data(seed=1), cfg, checkpoint_dir=ckpt, stop_at=12,
-                  progress=False)  # fmt: skip
+    first = train(_model(), _data(), _data(seed=1), cfg, checkpoint_dir=ckpt,
+                  stop_at=12, progress=False)  # fmt: skip
     assert len(first["train"]) == 12
     torch.manual_seed(999)  # disturb the global RNG: resume must restore it
     second = train(_model(seed=5), _data(), _data(seed=1), cfg, checkpoint_dir=ckpt,
