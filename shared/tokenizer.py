@@ -213,6 +213,12 @@ class BPETokenizer:
             f"special_tokens={list(self.special_tokens)})"
         )
 
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the ids (for caches)."""
+        state = [self.pattern, self.byte_order, sorted(self.special_tokens.items())]
+        state.append(sorted(self.merges.items(), key=lambda kv: kv[1]))
+        return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:16]
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one id stands for (a special token's UTF-8 string)."""
         if token_id in self.vocab:
@@ -610,6 +616,10 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary (for caches)."""
+        return hashlib.sha256(json.dumps(self.chars).encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         """One id per character; characters outside the vocabulary raise ValueError."""
