@@ -50,7 +50,7 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 IMAGE_MIMES = ("application/pdf", "image/png", "image/jpeg")  # preferred first
 MAX_OUTPUT_LINES = 36  # longer text outputs keep their head and tail
 MAX_LINE_CHARS = 400  # fvextra wraps long lines; absurdly long ones are cut
-FIGURE_MAX_HEIGHT = r"0.45\textheight"
+FIGURE_MAX_HEIGHT = r"0.55\textheight"
 
 _NBVAL_MARKER = re.compile(
     r"^[ \t]*#[ \t]*(NBVAL_[A-Z_]+|PYTEST_VALIDATE_IGNORE_OUTPUT)\b.*$"
@@ -97,6 +97,7 @@ class BookResult:
     images: int
     missing_glyphs: dict[str, set[str]]  # "␣ (U+2423)" -> fonts
     seconds: float
+    overfull: list[str] = field(default_factory=list)  # lines that run into the margin
 
     def summary(self) -> str:
         """A short human-readable report of the build."""
@@ -112,6 +113,8 @@ class BookResult:
         lines.append(f"  build:    {self.seconds:.1f} s (LaTeX source: {self.tex})")
         for c in self.chapters:
             lines += [f"  warning: {c.path.name}: {w}" for w in c.warnings]
+        for where in self.overfull:
+            lines.append(f"  warning: text runs into the margin: {where}")
         if self.missing_glyphs:
             lines.append(
                 f"  WARNING: the fonts lack {len(self.missing_glyphs)} character(s):"
@@ -420,11 +423,21 @@ def _run_pandoc(markdown: str) -> str:
         raise BookError(f"pandoc failed: {proc.stderr.strip()}")
     # plain verbatim cannot wrap long lines; fvextra's Verbatim can
     latex = re.sub(r"\\(begin|end)\{verbatim\}", r"\\\1{Verbatim}", proc.stdout)
+    latex = re.sub(r"\\texttt\{((?:[^{}\\]|\\[_&%#$])+)\}", _breakable_code, latex)
     # markdown images: never wider than the text
     return latex.replace(
         r"\includegraphics{",
         rf"\adjustimage{{max width=\linewidth, max totalheight={FIGURE_MAX_HEIGHT}}}{{",
     )
+
+
+def _breakable_code(match: re.Match) -> str:
+    """Inline code may break after ``.``, ``_``, ``/`` and ``(``: long names fit."""
+    code = match.group(1)
+    if len(code) < 16:
+        return match.group(0)
+    code = re.sub(r"(\\_|[./(,=])", r"\1\\allowbreak{}", code)
+    return f"\\texttt{{{code}}}"
 
 
 # --------------------------------------------------------------------------- preparing
@@ -675,12 +688,36 @@ def _error_chapter(log: str, tex_path: Path) -> str:
     match = re.search(rf"^\./{re.escape(tex_path.name)}:(\d+): ", log, re.MULTILINE)
     if not match:
         return ""
-    lines = tex_path.read_text().splitlines()[: int(match.group(1))]
-    starts = [line for line in lines if line.startswith("\\setcounter{chapter}{")]
-    if not starts:
-        return f" at line {match.group(1)} of the preamble"
-    number = int(re.search(r"\{(-?\d+)\}$", starts[-1]).group(1)) + 1
-    return f" in chapter {number} (line {match.group(1)} of {tex_path.name})"
+    line = int(match.group(1))
+    chapters = [n for start, n in _chapter_starts(tex_path) if start <= line]
+    if not chapters:
+        return f" in the preamble (line {line} of {tex_path.name})"
+    return f" in chapter {chapters[-1]} (line {line} of {tex_path.name})"
+
+
+def overfull_lines(log: str, tex_path: Path, min_pt: float = 4.0) -> list[str]:
+    """Where lines stick out of the text block by more than ``min_pt`` points."""
+    starts = _chapter_starts(tex_path)
+    found = []
+    pattern = r"Overfull \\hbox \(([\d.]+)pt too wide\) .*?at lines? (\d+)"
+    for points, line in re.findall(pattern, log):
+        if float(points) >= min_pt:
+            before = [n for start, n in starts if start <= int(line)]
+            where = f"chapter {before[-1]}" if before else "front matter"
+            found.append(
+                f"{where}, {tex_path.name} line {line} ({float(points):.0f}pt)"
+            )
+    return found
+
+
+def _chapter_starts(tex_path: Path) -> list[tuple[int, int]]:
+    """(line number, chapter number) of each chapter start in the book's .tex."""
+    starts = []
+    for i, line in enumerate(tex_path.read_text().splitlines(), start=1):
+        match = re.match(r"^\\setcounter\{chapter\}\{(-?\d+)\}$", line)
+        if match:
+            starts.append((i, int(match.group(1)) + 1))
+    return starts
 
 
 def latex_errors(log: str, context: int = 6) -> str:
@@ -804,6 +841,7 @@ def build_book(
         figures=sum(c.figures for c in chapters),
         images=sum(c.images for c in chapters),
         missing_glyphs=missing_glyphs(latex_log),
+        overfull=overfull_lines(latex_log, tex_path),
         seconds=time.perf_counter() - start,
     )
 

@@ -225,6 +225,22 @@ def test_missing_glyphs_are_parsed_from_the_log():
     }
 
 
+def test_overfull_lines_are_located_by_chapter(tmp_path):
+    tex = tmp_path / "book.tex"
+    tex.write_text(
+        "preamble\n\\setcounter{chapter}{-1}\nx\n\\setcounter{chapter}{0}\ny\n"
+    )
+    log = (
+        "Overfull \\hbox (2.0pt too wide) in paragraph at lines 3--3\n"
+        "Overfull \\hbox (40.5pt too wide) in paragraph at lines 5--5\n"
+        "Overfull \\hbox (12.0pt too wide) detected at line 1\n"
+    )
+    assert book.overfull_lines(log, tex) == [
+        "chapter 1, book.tex line 5 (40pt)",
+        "front matter, book.tex line 1 (12pt)",
+    ]
+
+
 def test_template_renders_a_book_without_tex(prepared):
     nb, chapter, _ = prepared
     tex = book.render_tex([nb], [chapter], "test build")
