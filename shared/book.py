@@ -450,7 +450,10 @@ def prepare_notebook(
     md2latex: Callable[[Sequence[str]], list[str]] = pandoc_markdown_to_latex,
 ) -> NotebookNode:
     """Turn one chapter notebook into cells the book template prints as they are."""
-    nb = remove_tagged(copy.deepcopy(nb))
+    nb = copy.deepcopy(nb)
+    for i, cell in enumerate(nb.cells):  # number cells as the author sees them
+        cell.metadata["book_index"] = i
+    nb = remove_tagged(nb)
     fallback = chapter.path.parent.name[3:].replace("_", " ").capitalize()
     nb, chapter.title, chapter.warnings = chapter_headings(nb, fallback)
 
@@ -466,7 +469,8 @@ def prepare_notebook(
     converted = iter(md2latex(snippets))
 
     cells, in_solution = [], False
-    for i, cell in enumerate(nb.cells):
+    for cell in nb.cells:
+        i = cell.metadata.pop("book_index", 0)
         tags = set(cell.metadata.get("tags", []))
         if cell.cell_type == "markdown":
             cell = nbformat.v4.new_raw_cell(
@@ -548,7 +552,9 @@ def _prepare_code_cell(
         # "<Figure size 700x400 with 1 Axes>" says nothing in print
         outputs = [o for o in outputs if not _is_figure_repr(o)]
     elif caption is not None:
-        chapter.warnings.append(f"cell {stem} has a caption but no image output")
+        chapter.warnings.append(
+            f"cell {int(stem.rsplit('-c', 1)[1])} has a caption but no image output"
+        )
     cell.outputs = _merge_streams(outputs)
     if not cell.source.strip() and not cell.outputs:
         cell.metadata["transient"] = {"remove_source": True}
