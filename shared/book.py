@@ -596,8 +596,13 @@ def execute_notebook(
             cell.source, "RAISES_EXCEPTION"
         ):
             cell.metadata.setdefault("tags", []).append("raises-exception")
-    old = os.environ.get("BOOK_MODE")
-    os.environ["BOOK_MODE"] = mode
+    # the kernel inherits the environment: the mode, and inline figures (PNG + PDF)
+    kernel_env = {
+        "BOOK_MODE": mode,
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    }
+    saved = {key: os.environ.get(key) for key in kernel_env}
+    os.environ.update(kernel_env)
     try:
         ExecutePreprocessor(timeout=timeout, kernel_name="python3").preprocess(
             nb, {"metadata": {"path": str(chapter_copy)}}
@@ -607,10 +612,11 @@ def execute_notebook(
             f"{path} failed while executing (BOOK_MODE={mode}):\n{clean_text(str(err))}"
         ) from err
     finally:
-        if old is None:
-            os.environ.pop("BOOK_MODE", None)
-        else:
-            os.environ["BOOK_MODE"] = old
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     nbformat.write(nb, chapter_copy / path.name)
     return nb
 
