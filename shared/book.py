@@ -48,6 +48,7 @@ REMOVE_OUTPUT_TAGS = {"remove-output", "remove_output"}
 SOLUTION_TAGS = {"solution"}
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 IMAGE_MIMES = ("application/pdf", "image/png", "image/jpeg")  # preferred first
+PRINTABLE_MIMES = {*IMAGE_MIMES, "text/latex", "text/markdown", "text/plain"}
 MAX_OUTPUT_LINES = 36  # longer text outputs keep their head and tail
 MAX_LINE_CHARS = 400  # fvextra wraps long lines; absurdly long ones are cut
 FIGURE_MAX_HEIGHT = r"0.55\textheight"
@@ -208,6 +209,9 @@ def _clean_output(output: NotebookNode) -> NotebookNode | None:
             data["text/plain"] = shorten_text(clean_text(data["text/plain"])).strip(
                 "\n"
             )
+        # what a PDF can show; HTML, SVG and JavaScript fall back to their text
+        for mime in [m for m in data if m not in PRINTABLE_MIMES]:
+            del data[mime]
         if not data:
             return None
     return output

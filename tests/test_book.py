@@ -80,6 +80,17 @@ def sample_notebook():
             "# NBVAL_IGNORE_OUTPUT\nprint('progress')",
             outputs=[stream("\x1b[31mred\x1b[0m 10%\r50%\r100%\n")],
         ),
+        new_code_cell(
+            "frame",
+            outputs=[
+                new_output(
+                    "execute_result",
+                    data={"text/html": "<table/>", "text/plain": "   a\n0  1"},
+                    execution_count=1,
+                ),
+                new_output("display_data", data={"image/svg+xml": "<svg/>"}),
+            ],
+        ),
         new_markdown_cell("# A second top-level heading"),
         new_markdown_cell("## Exercises\n\n**Exercise 2.1.** Why?"),
         new_code_cell("answer = 42", metadata={"tags": ["solution"]}),
@@ -152,6 +163,9 @@ def test_nbval_markers_ansi_and_widgets_are_not_printed(prepared):
     assert "\x1b" not in text and "100%" in text and "50%" not in text
     slider = next(c for c in nb.cells if c.source == "slider()")
     assert slider.outputs == []
+    # HTML and SVG cannot be printed: the text form is kept, an SVG-only output dropped
+    frame = next(c for c in nb.cells if c.source == "frame")
+    assert [dict(o.data) for o in frame.outputs] == [{"text/plain": "   a\n0  1"}]
 
 
 def test_caption_becomes_numbered_figure_preferring_pdf(prepared):
