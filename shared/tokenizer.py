@@ -283,6 +283,10 @@ class BPETokenizer:
         self._cache[chunk] = ids
         return ids
 
+    def clear_cache(self) -> None:
+        """Forget cached pre-token encodings (for timing cold encoding)."""
+        self._cache.clear()
+
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text, treating special-token strings as ordinary text."""
         out: list[int] = []

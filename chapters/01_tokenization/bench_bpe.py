@@ -124,7 +124,7 @@ def main() -> None:
 
     def cold(tok: BPETokenizer):
         def run():
-            tok._cache.clear()  # measure real work, not a warm cache from a repeat
+            tok.clear_cache()  # measure real work, not a warm cache from a repeat
             return tok.encode_ordinary(text)
 
         return run
