@@ -42,6 +42,19 @@ BOOK_NAME = "llm-from-scratch"
 TITLE = "Building a Large Language Model from Scratch"
 SUBTITLE = "From raw text to a trained, fine-tuned and usable GPT"
 
+# fallback fonts for what DejaVu lacks, the first one installed is used
+CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Source Han Sans SC",
+    "Droid Sans Fallback",
+    "WenQuanYi Micro Hei",
+    "PingFang SC",
+    "Hiragino Sans GB",
+    "Microsoft YaHei",
+)
+EMOJI_FONTS = ("Noto Emoji", "Symbola", "Segoe UI Symbol", "Apple Symbols")
+
 REMOVE_CELL_TAGS = {"remove-cell", "remove_cell"}
 REMOVE_INPUT_TAGS = {"remove-input", "remove_input"}
 REMOVE_OUTPUT_TAGS = {"remove-output", "remove_output"}
@@ -658,6 +671,7 @@ def render_tex(
         exclude_input_prompt=True,
         exclude_output_prompt=True,
     )
+    fonts = installed_font_families()
     resources = {
         "book": {
             "title": TITLE,
@@ -665,10 +679,27 @@ def render_tex(
             "date": date.today().isoformat(),
             "chapter_count": len(chapters),
             "build_info": build_info,
+            "cjk_font": _first_installed(CJK_FONTS, fonts),
+            "emoji_font": _first_installed(EMOJI_FONTS, fonts),
         }
     }
     tex, _ = exporter.from_notebook_node(book, resources=resources)
     return tex
+
+
+def installed_font_families() -> set[str]:
+    """Font family names the system knows (fontconfig, else matplotlib's font list)."""
+    if shutil.which("fc-list"):
+        out = subprocess.run(["fc-list", ":", "family"], capture_output=True, text=True)
+        return {n.strip() for line in out.stdout.splitlines() for n in line.split(",")}
+    from matplotlib import font_manager
+
+    return {font.name for font in font_manager.fontManager.ttflist}
+
+
+def _first_installed(candidates: Sequence[str], installed: set[str]) -> str:
+    # asking XeTeX about a missing font starts METAFONT: choose here instead
+    return next((name for name in candidates if name in installed), "")
 
 
 def run_xelatex(tex_path: Path, runs: int = 2) -> str:
@@ -756,8 +787,18 @@ def missing_glyphs(log: str) -> dict[str, set[str]]:
     """Characters XeLaTeX could not print, with the fonts that lacked them."""
     found: dict[str, set[str]] = {}
     for char, code, font in _MISSING_CHAR.findall(log):
+        if _invisible(int(code[2:], 16)):
+            continue  # joiners and variation selectors print nothing anyway
         found.setdefault(f"{char} ({code})", set()).add(font.strip())
     return found
+
+
+def _invisible(codepoint: int) -> bool:
+    return (
+        0x200B <= codepoint <= 0x200F
+        or 0x2060 <= codepoint <= 0x2064
+        or 0xFE00 <= codepoint <= 0xFE0F
+    )
 
 
 def pdf_pages(pdf: Path) -> int | None:

@@ -231,6 +231,7 @@ def test_missing_glyphs_are_parsed_from_the_log():
         "Missing character: There is no 🚀 (U+1F680) in font DejaVu Serif/OT:s;!\n"
         "Missing character: There is no 🚀 (U+1F680) in font DejaVu Sans Mono/OT:s;!\n"
         "Missing character: There is no 日 (U+65E5) in font DejaVu Serif/OT:s;!\n"
+        "Missing character: There is no \u200d (U+200D) in font DejaVu Serif/OT:s;!\n"
     )
     found = book.missing_glyphs(log)
     assert found == {
