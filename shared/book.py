@@ -3,7 +3,8 @@
 ``build_book()`` (and ``./build_pdf.sh``, which calls ``python -m shared.book``) does:
 
 1. find ``chapters/NN_name/NN_name.ipynb`` in chapter order;
-2. optionally execute each one in a temporary copy (``--execute``, in ``BOOK_MODE``);
+2. optionally execute each one in a temporary copy (``--execute``, in ``BOOK_MODE``;
+   the executed copies are kept in ``build/book/executed/``);
 3. prepare each notebook for print (``prepare_notebook``): drop cells tagged
    ``remove-cell`` / inputs tagged ``remove-input`` / outputs tagged ``remove-output``,
    strip nbval markers, ANSI codes and widgets, shorten very long outputs, turn image
@@ -881,6 +882,9 @@ def build_book(
                 t0 = time.perf_counter()
                 nb = execute_notebook(chapter.path, Path(tmp), mode, timeout)
                 log(f"  done in {time.perf_counter() - t0:.0f} s")
+                # kept for a look at what was printed (never over the committed file)
+                (out_dir / "executed").mkdir(exist_ok=True)
+                nbformat.write(nb, out_dir / "executed" / chapter.path.name)
             else:
                 nb = nbformat.read(chapter.path, as_version=4)
             prepared.append(prepare_notebook(nb, chapter, figures_dir))
