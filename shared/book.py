@@ -373,7 +373,7 @@ def balance_tables(markdown: str) -> str:
 
 def plain_title(markdown: str) -> str:
     """A heading's text without markdown markup (for the summary and the tests)."""
-    text = re.sub(r"[`*_]", "", markdown)
+    text = re.sub(r"`|(?<!\w)[*_]+|[*_]+(?!\w)", "", markdown)  # keep snake_case
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
     return text.replace("$", "").strip()
 
