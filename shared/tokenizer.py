@@ -410,6 +410,10 @@ class BPETokenizer:
             }
             merges = []
             for n, entry in enumerate(data["merges"]):
+                if not isinstance(entry, list) or len(entry) not in (2, 4):
+                    raise ValueError(
+                        f"merge {n} is not a [left, right] pair: {entry!r}"
+                    )
                 if len(entry) == 4:
                     a, b = int(entry[2]), int(entry[3])
                 else:

@@ -368,6 +368,11 @@ def test_save_load_with_duplicate_token_bytes(tmp_path):
         ("[1, 2, 3]", "is not a"),
         ('{"format": "llm-course-bpe-tokenizer", "version": 99}', "version"),
         ('{"format": "llm-course-bpe-tokenizer", "version": 1}', "damaged"),
+        (
+            '{"format": "llm-course-bpe-tokenizer", "version": 1, "pattern": "x", '
+            '"special_tokens": {}, "byte_order": null, "merges": ["ab"]}',
+            "not a \\[left, right\\] pair",
+        ),
     ],
 )
 def test_damaged_or_foreign_file_raises(tmp_path, content, match):
