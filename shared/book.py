@@ -591,6 +591,14 @@ def _is_figure_repr(output: NotebookNode) -> bool:
     )
 
 
+def read_notebook(path: Path) -> NotebookNode:
+    """Read a notebook, or fail with a message that names it."""
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as err:  # JSON or schema errors alike
+        raise BookError(f"{path} is not a readable notebook: {err}") from err
+
+
 # --------------------------------------------------------------------------- executing
 
 
@@ -608,7 +616,7 @@ def execute_notebook(
         ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"),
         dirs_exist_ok=True,
     )
-    nb = nbformat.read(chapter_copy / path.name, as_version=4)
+    nb = read_notebook(chapter_copy / path.name)
     for cell in nb.cells:  # cells nbval expects to raise may raise here too
         if cell.cell_type == "code" and has_nbval_marker(
             cell.source, "RAISES_EXCEPTION"
@@ -628,6 +636,11 @@ def execute_notebook(
     except CellExecutionError as err:
         raise BookError(
             f"{path} failed while executing (BOOK_MODE={mode}):\n{clean_text(str(err))}"
+        ) from err
+    except Exception as err:  # a dead kernel, a cell timeout, ...
+        raise BookError(
+            f"{path} failed while executing (BOOK_MODE={mode}): "
+            f"{type(err).__name__}: {clean_text(str(err))}"
         ) from err
     finally:
         for key, value in saved.items():
@@ -886,7 +899,7 @@ def build_book(
                 (out_dir / "executed").mkdir(exist_ok=True)
                 nbformat.write(nb, out_dir / "executed" / chapter.path.name)
             else:
-                nb = nbformat.read(chapter.path, as_version=4)
+                nb = read_notebook(chapter.path)
             prepared.append(prepare_notebook(nb, chapter, figures_dir))
 
     tex_path = out_dir / f"{name}.tex"
