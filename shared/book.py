@@ -726,6 +726,8 @@ def run_xelatex(tex_path: Path, runs: int = 2) -> str:
                 "-halt-on-error",
                 "-interaction=nonstopmode",
                 "-file-line-error",
+                # only the last run needs to make the PDF; earlier ones fill the TOC
+                *(["-no-pdf"] if i < runs - 1 else []),
                 tex_path.name,
             ],
             cwd=tex_path.parent,
