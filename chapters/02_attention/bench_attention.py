@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -70,19 +73,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(
-    fn: Callable[[], object], repeats: int, device: torch.device
-) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler backend's start/stop lines, written straight to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -100,7 +102,10 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _quiet_stderr(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     try:
         events = [
@@ -118,7 +123,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 def median_seconds_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
 ) -> dict[str, float]:
-    """Median wall time of each function, in a few alternating blocks of calls.
+    """Median wall time of each function (at least ``repeats`` calls), in blocks.
 
     Blocks alternate so a burst of load from elsewhere hits every function alike;
     calls inside a block run back to back, because switching between kernels on
@@ -128,9 +133,15 @@ def median_seconds_interleaved(
     rounds = min(3, repeats)
     for r in range(rounds):
         for name, fn in fns.items():
+            start = time.perf_counter()
             fn()  # warm-up: first-call allocations, thread-pool wake-up
             _sync(device)
-            for _ in range(repeats // rounds + (r < repeats % rounds)):
+            warm = time.perf_counter() - start
+            calls = repeats // rounds + (r < repeats % rounds)
+            # fast calls are repeated more (up to ~20 ms a block): one stall of the
+            # scheduler then cannot become the median
+            calls = max(calls, min(50, int(0.02 / max(warm, 1e-6))))
+            for _ in range(calls):
                 start = time.perf_counter()
                 fn()
                 _sync(device)
@@ -149,13 +160,37 @@ def benchmark(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    threads: int | None = None,
 ) -> list[Result]:
     """Time (median of ``repeats``) and peak memory of both implementations at each T.
 
     Forward pass only, without autograd: the inference cost. Outputs are checked to
     agree before anything is timed; all timings run before any memory profiling,
-    because the profiler disturbs the timings that follow it.
+    because the profiler disturbs the timings that follow it. ``threads`` sets
+    PyTorch's CPU threads for the run (one thread is the steadiest on a busy machine:
+    no thread waits for another that the OS has not scheduled yet).
     """
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _benchmark(
+            context_lengths, batch, heads, head_dim, repeats, device, dtype, seed
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _benchmark(
+    context_lengths: Sequence[int],
+    batch: int,
+    heads: int,
+    head_dim: int,
+    repeats: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int,
+) -> list[Result]:
     device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     calls: dict[int, dict[str, Callable[[], Tensor]]] = {}
@@ -237,6 +272,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     args = parser.parse_args()
     results = benchmark(
         args.T,
@@ -245,11 +281,13 @@ def main() -> None:
         head_dim=args.head_dim,
         repeats=args.repeats,
         device=args.device,
+        threads=args.threads,
     )
     print(
         f"causal attention forward, batch={args.batch} heads={args.heads} "
         f"head_dim={args.head_dim} float32 on {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
+        f"threads; "
         f"median of {args.repeats} repeats"
     )
     print(format_table(ratios(results)))
