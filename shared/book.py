@@ -817,12 +817,15 @@ def _invisible(codepoint: int) -> bool:
     )
 
 
-def pdf_pages(pdf: Path) -> int | None:
-    """Page count from ``pdfinfo`` (None when poppler is not installed)."""
-    if shutil.which("pdfinfo") is None:
-        return None
-    out = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True).stdout
-    match = re.search(r"^Pages:\s+(\d+)", out, re.MULTILINE)
+def pdf_pages(pdf: Path, latex_log: str = "") -> int | None:
+    """Page count from ``pdfinfo``, else from XeLaTeX's log."""
+    if shutil.which("pdfinfo") is not None:
+        out = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True)
+        match = re.search(r"^Pages:\s+(\d+)", out.stdout, re.MULTILINE)
+    else:
+        match = re.search(
+            r"^Output written on .*?\((\d+) pages?", latex_log, re.MULTILINE
+        )
     return int(match.group(1)) if match else None
 
 
@@ -913,7 +916,7 @@ def build_book(
         pdf=pdf,
         tex=tex_path,
         chapters=chapters,
-        pages=pdf_pages(pdf),
+        pages=pdf_pages(pdf, latex_log),
         figures=sum(c.figures for c in chapters),
         images=sum(c.images for c in chapters),
         missing_glyphs=missing_glyphs(latex_log),

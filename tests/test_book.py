@@ -286,15 +286,32 @@ def normalize(text: str) -> str:
     return " ".join(text.replace("--", "-").split())
 
 
-TOOLS = ("xelatex", "pandoc", "pdftotext", "pdfinfo")
-MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
+MISSING = [tool for tool in ("xelatex", "pandoc") if shutil.which(tool) is None]
+
+
+def contents_text(result: book.BookResult) -> tuple[str, str]:
+    """(table of contents, whole book) as text: pdftotext, else LaTeX's .toc file."""
+    if (
+        shutil.which("pdftotext") is None
+    ):  # poppler-utils missing: check what LaTeX wrote
+        toc = result.tex.with_suffix(".toc").read_text()
+        entries = re.findall(r"\\numberline \{(\d+)\}(.*?)\}\{", toc)
+        return normalize(" ".join(f"{n} {t}" for n, t in entries)), ""
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(result.pdf), "-"], capture_output=True, text=True
+    ).stdout
+    pages = text.split("\f")
+    contents = next(
+        i for i, page in enumerate(pages) if re.search(r"^\s*Contents\s*$", page, re.M)
+    )
+    return normalize(" ".join(pages[contents : contents + 4])), text
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     bool(MISSING),
-    reason=f"building the book needs {', '.join(MISSING)} (TeX Live xelatex, pandoc, "
-    "poppler-utils); see the README",
+    reason=f"building the book needs {' and '.join(MISSING)} (TeX Live's xelatex, "
+    "pandoc), which are not installed; see the README",
 )
 def test_book_builds_from_committed_notebooks(tmp_path):
     chapters = book.find_chapters(book.DEFAULT_CHAPTERS)
@@ -305,21 +322,15 @@ def test_book_builds_from_committed_notebooks(tmp_path):
     assert [c.number for c in result.chapters] == [c.number for c in chapters]
     assert result.pages is not None and result.pages > len(result.chapters)
 
-    text = subprocess.run(
-        ["pdftotext", "-layout", str(result.pdf), "-"], capture_output=True, text=True
-    ).stdout
-    pages = text.split("\f")
-    contents = next(
-        i for i, page in enumerate(pages) if re.search(r"^\s*Contents\s*$", page, re.M)
-    )
-    toc = normalize(" ".join(pages[contents : contents + 4]))
+    toc, text = contents_text(result)
     for chapter in result.chapters:
         words = r"\s+".join(re.escape(w) for w in normalize(chapter.title).split())
         assert re.search(rf"\b{chapter.number}\s+{words}", toc), (
             f"chapter {chapter.number} {chapter.title!r} is not in the contents"
         )
-    # every captioned figure is numbered "Figure N.M" under its chapter's number
-    captions = re.findall(r"Figure (\d+)\.\d+:", text)
-    assert len(captions) == result.figures
-    assert {int(n) for n in captions} <= {c.number for c in result.chapters}
-    assert "NBVAL_" not in text
+    if text:
+        # every captioned figure is numbered "Figure N.M" under its chapter's number
+        captions = re.findall(r"Figure (\d+)\.\d+:", text)
+        assert len(captions) == result.figures
+        assert {int(n) for n in captions} <= {c.number for c in result.chapters}
+        assert "NBVAL_" not in text
