@@ -254,6 +254,18 @@ def test_fast_trainer_equals_naive(corpus, start):
     assert fast == naive_train(text, 150)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.text(alphabet="aab b\n'1é😀", min_size=1, max_size=200),
+    n_merges=st.integers(1, 40),
+)
+def test_fast_trainer_equals_naive_on_random_text(text, n_merges):
+    # a tiny alphabet makes ties and overlapping pairs ("aaaa") common
+    tok = BPETokenizer().train(text, 256 + n_merges)
+    fast = [(tok.vocab[a], tok.vocab[b]) for a, b in tok.merges]
+    assert fast == naive_train(text, n_merges)
+
+
 def test_training_stops_when_nothing_is_left_to_merge():
     tok = BPETokenizer().train("ab ab", 1000)
     assert tok.vocab_size < 1000
