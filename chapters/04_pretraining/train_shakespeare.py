@@ -1,0 +1,253 @@
+"""Train the course's Shakespeare model and the chapter's comparison runs.
+
+  python chapters/04_pretraining/train_shakespeare.py laptop   # shipped model
+  python chapters/04_pretraining/train_shakespeare.py compute  # char vs BPE, same FLOPs
+
+``laptop`` trains ``shared.pretrained.recipe("laptop")`` on the course BPE, saves
+snapshots (samples, attention maps) during training, and ships the result to
+``data/models/shakespeare-laptop/`` (weights, tokenizer, config.json with measured
+results). ``compute`` trains nanoGPT's char-level CPU model and a BPE model of the
+same shape for the same training compute (6 N D) with our loop. Results and training
+logs go to ``chapters/04_pretraining/results/`` (small JSON, read by the notebook).
+Checkpoints go to ``runs/`` (git-ignored): rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file, save_model
+
+from shared.data import read_text
+from shared.dataset import train_val_split
+from shared.device import describe_environment, seed_everything
+from shared.flops import flops_per_token
+from shared.generate import generate
+from shared.model import GPT, GPTConfig
+from shared.pretrained import (
+    LAPTOP_MODEL_DIR,
+    NANOGPT_CPU,
+    as_ids,
+    recipe,
+    shakespeare_splits,
+)
+from shared.tokenizer import CharTokenizer, course_tokenizer
+from shared.train import (
+    TrainConfig,
+    bits_per_char,
+    evaluate_split,
+    peak_flops,
+    train,
+)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RUNS = HERE.parent.parent / "runs" / "04_pretraining"
+SAMPLE_PROMPT = "ROMEO:\n"
+ATTENTION_TEXT = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
+
+
+def machine() -> dict:
+    """Where the numbers were measured (the load average says how shared it was)."""
+    info = describe_environment()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["load average (1, 5, 15 min) at end"] = str(os.getloadavg())
+    except OSError:
+        info["cpu"] = platform.processor()
+    return info
+
+
+def snapshot_steps(max_steps: int) -> list[int]:
+    """Steps at which to keep samples and attention maps: early, middle, end."""
+    return sorted({0, 100, 300, 1000, max_steps // 2, max_steps})
+
+
+def run_laptop(args: argparse.Namespace) -> None:
+    rec = recipe("laptop")
+    if args.steps:
+        rec.train.max_steps = args.steps
+    tok = course_tokenizer(rec.vocab_size)
+    data = shakespeare_splits(tok)
+    train_ids, val_ids = as_ids(data["train_ids"]), as_ids(data["val_ids"])
+    seed_everything(rec.train.seed)
+    model = GPT(rec.model)
+    fpt = flops_per_token(rec.model)
+    keep = snapshot_steps(rec.train.max_steps)
+    attn_ids = torch.tensor([tok.encode(ATTENTION_TEXT)])
+    prompt_ids = torch.tensor([tok.encode(SAMPLE_PROMPT)])
+    samples, maps = {}, {}
+
+    def on_eval(step: int, m: torch.nn.Module, record: dict) -> None:
+        if step not in keep:
+            return
+        g = torch.Generator().manual_seed(0)
+        out = generate(m, prompt_ids, 150, temperature=0.8, top_k=50, generator=g)
+        samples[str(step)] = tok.decode(out[0].tolist())
+        maps[f"step_{step}"] = m.attention_maps(attn_ids)[:, 0].half().contiguous()
+
+    ckpt = RUNS / "laptop"
+    resume = (ckpt / "checkpoint.json").exists() and not args.fresh
+    t0 = time.perf_counter()
+    hist = train(
+        model, train_ids, val_ids, rec.train, checkpoint_dir=ckpt, resume=resume,
+        on_eval=on_eval, progress=True,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    val_nats = evaluate_split(model, val_ids, batch_size=32)
+    tokens = rec.train.max_steps * rec.train.tokens_per_step(rec.model.context_length)
+    tps = [r["tokens_per_s"] for r in hist["train"] if "tokens_per_s" in r]
+    tps_median = sorted(tps)[len(tps) // 2]
+    peak, peak_src = peak_flops("cpu")
+    results = {
+        "val_loss_nats_per_token": val_nats,
+        "val_bits_per_char": bits_per_char(val_nats, len(val_ids), data["val_chars"]),
+        "val_tokens": len(val_ids),
+        "val_chars": data["val_chars"],
+        "params": model.num_parameters(),
+        "params_N_for_flops": fpt["N"],
+        "training_tokens": tokens,
+        "training_chars_equiv": tokens * data["train_chars"] / len(train_ids),
+        "flops_per_token": fpt["total"],
+        "training_flops": fpt["total"] * tokens,
+        "training_flops_6ND": fpt["6N"] * tokens,
+        "train_wall_s": hist["elapsed_s"],
+        "script_wall_s_this_invocation": wall,
+        "resumed": resume,
+        "tokens_per_s_median": tps_median,
+        "peak_flops": peak,
+        "peak_flops_source": peak_src,
+        "mfu": tps_median * fpt["total"] / peak,
+        "torch_threads": torch.get_num_threads(),
+        "machine": machine(),
+    }
+    print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=1))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / "model.safetensors"))
+    tok.save(out / "tokenizer.json")
+    info = {
+        "name": "shakespeare-laptop",
+        "description": "GPT trained from scratch on Tiny Shakespeare (first 90% of "
+        "characters) with the course BPE; chapter 04 of the course.",
+        "tokenizer_file": "tokenizer.json",
+        "tokenizer": f"course_tokenizer(vocab_size={rec.vocab_size})",
+        "model_config": dataclasses.asdict(rec.model),
+        "train_config": rec.train.to_dict(),
+        "results": results,
+        "nanogpt_cpu_baseline": NANOGPT_CPU,
+    }
+    (out / "config.json").write_text(json.dumps(info, indent=1) + "\n")
+    RESULTS.mkdir(exist_ok=True)
+    log = {"history": hist, "samples": samples, "snapshot_steps": keep}
+    log["attention_tokens"] = tok.tokens(attn_ids[0].tolist())
+    (RESULTS / "laptop_run.json").write_text(json.dumps(log) + "\n")
+    save_file(maps, str(RESULTS / "laptop_attention.safetensors"))
+    print(f"shipped to {out}")
+
+
+def compute_budget() -> float:
+    """nanoGPT's CPU run in training FLOPs, 6 N D."""
+    return 6 * NANOGPT_CPU["params"] * NANOGPT_CPU["tokens"]
+
+
+def nanogpt_train_config(max_steps: int) -> TrainConfig:
+    """nanoGPT's train_shakespeare_char settings with its CPU overrides."""
+    return TrainConfig(
+        max_steps=max_steps, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+        weight_decay=0.1, betas=(0.9, 0.99), grad_clip=1.0, eval_interval=100,
+        eval_iters=20, seed=1337,
+    )  # fmt: skip
+
+
+def equal_compute_run(kind: str, lr: float | None = None, budget: float | None = None):
+    """Train nanoGPT's CPU shape, char-level or BPE, for ``budget`` FLOPs (6 N D)."""
+    budget = budget or compute_budget()
+    text = read_text("tinyshakespeare")
+    train_text, val_text = train_val_split(text, 0.1)
+    if kind == "char":
+        tok = CharTokenizer(text)
+        train_ids = as_ids(tok.encode(train_text))
+        val_ids = as_ids(tok.encode(val_text))
+    else:
+        tok = course_tokenizer(1024)
+        data = shakespeare_splits(tok)
+        train_ids, val_ids = as_ids(data["train_ids"]), as_ids(data["val_ids"])
+    cfg = GPTConfig(
+        vocab_size=tok.vocab_size, context_length=64, n_layer=4, n_head=4, n_embd=128
+    )
+    n = flops_per_token(cfg)["N"]
+    tcfg = nanogpt_train_config(1)
+    if lr is not None:
+        tcfg.lr, tcfg.min_lr = lr, lr / 10
+    tcfg.max_steps = round(budget / (6 * n * tcfg.tokens_per_step(64)))
+    seed_everything(tcfg.seed)
+    model = GPT(cfg)
+    hist = train(model, train_ids, val_ids, tcfg, progress=False)
+    val_nats = evaluate_split(model, val_ids, batch_size=64)
+    per_char = len(val_ids) / len(val_text)
+    return {
+        "kind": kind,
+        "vocab_size": tok.vocab_size,
+        "N": n,
+        "steps": tcfg.max_steps,
+        "tokens": tcfg.max_steps * tcfg.tokens_per_step(64),
+        "flops_6ND": 6 * n * tcfg.max_steps * tcfg.tokens_per_step(64),
+        "lr": tcfg.lr,
+        "val_bits_per_char": bits_per_char(val_nats, len(val_ids), len(val_text)),
+        "train_wall_s": hist["elapsed_s"],
+        "curve": [
+            {
+                "tokens": e["tokens"],
+                "chars": e["tokens"] / per_char,
+                "flops": 6 * n * e["tokens"],
+                "val_bpc": e["val_loss"] * per_char / math.log(2),
+                "train_bpc": e["train_loss"] * per_char / math.log(2),
+            }
+            for e in hist["eval"]
+        ],
+    }
+
+
+def run_compute(args: argparse.Namespace) -> None:
+    runs = []
+    for kind in ("char", "bpe"):
+        r = equal_compute_run(kind)
+        print(
+            f"{kind}: {r['steps']} steps, {r['tokens']:,} tokens, "
+            f"{r['flops_6ND']:.3g} FLOPs -> val {r['val_bits_per_char']:.3f} bits/char "
+            f"in {r['train_wall_s']:.0f} s"
+        )
+        runs.append(r)
+    RESULTS.mkdir(exist_ok=True)
+    out = {"budget_flops_6ND": compute_budget(), "runs": runs, "machine": machine()}
+    (RESULTS / "equal_compute.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["laptop", "compute"])
+    ap.add_argument("--steps", type=int, default=None, help="override max_steps")
+    ap.add_argument("--out", default=str(LAPTOP_MODEL_DIR))
+    ap.add_argument("--fresh", action="store_true", help="ignore an old checkpoint")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"laptop": run_laptop, "compute": run_compute}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
