@@ -1,0 +1,67 @@
+"""Tests of shared/pretrained.py: the recipes and the shipped Shakespeare model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shared.flops import parameter_counts
+from shared.generate import generate
+from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model, recipe
+from shared.train import evaluate_split
+
+shipped = pytest.mark.skipif(
+    not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"
+)
+
+
+def test_recipes():
+    laptop, gpu = recipe("laptop"), recipe("gpu")
+    assert laptop.model.vocab_size == laptop.vocab_size
+    assert 1e6 < parameter_counts(laptop.model)["total"] < 5e6
+    assert 9e6 < parameter_counts(gpu.model)["total"] < 12e6  # "~10M parameters"
+    assert gpu.model.context_length == 256
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe("phone")
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_shakespeare.py"):
+        load_course_model("cpu", path=tmp_path)
+
+
+@shipped
+def test_shipped_files_are_small():
+    total = sum(f.stat().st_size for f in LAPTOP_MODEL_DIR.iterdir())
+    assert total < 50 * 2**20
+
+
+@shipped
+def test_load_course_model_generates():
+    model, tok, info = load_course_model("cpu")
+    assert not model.training
+    assert (
+        model.config.vocab_size == tok.vocab_size == info["model_config"]["vocab_size"]
+    )
+    assert model.num_parameters() == info["results"]["params"]
+    prompt = torch.tensor([tok.encode("ROMEO:\n")])
+    g = torch.Generator().manual_seed(0)
+    out = generate(model, prompt, 30, temperature=0.8, top_k=50, generator=g)
+    text = tok.decode(out[0].tolist())
+    assert text.startswith("ROMEO:\n") and len(text) > 40
+
+
+@shipped
+def test_reported_bits_per_char_roughly_recomputed():
+    from shared.pretrained import as_ids, shakespeare_splits
+
+    model, tok, info = load_course_model("cpu")
+    val = as_ids(shakespeare_splits(tok)["val_ids"])
+    n = 64 * model.config.context_length  # a slice of the validation split: fast
+    nats = evaluate_split(model, val, max_tokens=n, batch_size=32)
+    chars = len(tok.decode(val[: n + 1].tolist()))
+    bpc = nats * n / chars / math.log(2)
+    assert bpc == pytest.approx(info["results"]["val_bits_per_char"], abs=0.25)
+    assert info["results"]["val_bits_per_char"] < 2.72  # nanoGPT's CPU baseline
