@@ -3,13 +3,13 @@
   python chapters/04_pretraining/train_shakespeare.py laptop   # shipped model
   python chapters/04_pretraining/train_shakespeare.py compute  # char vs BPE, same FLOPs
 
-``laptop`` trains ``shared.pretrained.recipe("laptop")`` on the course BPE, saves
-snapshots (samples, attention maps) during training, and ships the result to
-``data/models/shakespeare-laptop/`` (weights, tokenizer, config.json with measured
-results). ``compute`` trains nanoGPT's char-level CPU model and a BPE model of the
-same shape for the same training compute (6 N D) with our loop. Results and training
-logs go to ``chapters/04_pretraining/results/`` (small JSON, read by the notebook).
-Checkpoints go to ``runs/`` (git-ignored): rerun the same command to resume.
+``laptop`` (or ``gpu``) trains ``shared.pretrained.recipe(...)`` with the course BPE,
+saves snapshots (samples, attention maps) during training, and ships the result to
+``data/models/shakespeare-laptop/`` (``-gpu/``): weights, tokenizer, config.json with
+measured results. ``compute`` trains nanoGPT's char-level CPU model and a BPE model
+of the same shape for the same training compute (6 N D) with our loop. Results and
+training logs go to ``chapters/04_pretraining/results/`` (small JSON, read by the
+notebook). Checkpoints go to ``runs/`` (git-ignored): rerun the command to resume.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safetensors.torch import save_file, save_model
 
 from shared.data import read_text
 from shared.dataset import train_val_split
-from shared.device import describe_environment, seed_everything
+from shared.device import describe_environment, get_device, seed_everything
 from shared.flops import flops_per_token
 from shared.generate import generate
 from shared.model import GPT, GPTConfig
@@ -51,6 +51,10 @@ from shared.train import (
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RUNS = HERE.parent.parent / "runs" / "04_pretraining"
+MODEL_DIRS = {
+    "laptop": LAPTOP_MODEL_DIR,
+    "gpu": LAPTOP_MODEL_DIR.parent / "shakespeare-gpu",
+}
 SAMPLE_PROMPT = "ROMEO:\n"
 ATTENTION_TEXT = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
 
@@ -74,30 +78,34 @@ def snapshot_steps(max_steps: int) -> list[int]:
     return sorted({0, 100, 300, 1000, max_steps // 2, max_steps})
 
 
-def run_laptop(args: argparse.Namespace) -> None:
-    rec = recipe("laptop")
+def run_model(args: argparse.Namespace) -> None:
+    name = args.what  # "laptop" or "gpu"
+    rec = recipe(name)
+    device = get_device()
     if args.steps:
         rec.train.max_steps = args.steps
     tok = course_tokenizer(rec.vocab_size)
     data = shakespeare_splits(tok)
     train_ids, val_ids = as_ids(data["train_ids"]), as_ids(data["val_ids"])
     seed_everything(rec.train.seed)
-    model = GPT(rec.model)
+    model = GPT(rec.model).to(device)
     fpt = flops_per_token(rec.model)
     keep = snapshot_steps(rec.train.max_steps)
-    attn_ids = torch.tensor([tok.encode(ATTENTION_TEXT)])
-    prompt_ids = torch.tensor([tok.encode(SAMPLE_PROMPT)])
+    attn_ids = torch.tensor([tok.encode(ATTENTION_TEXT)], device=device)
+    prompt_ids = torch.tensor([tok.encode(SAMPLE_PROMPT)], device=device)
     samples, maps = {}, {}
 
     def on_eval(step: int, m: torch.nn.Module, record: dict) -> None:
         if step not in keep:
             return
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
         out = generate(m, prompt_ids, 150, temperature=0.8, top_k=50, generator=g)
         samples[str(step)] = tok.decode(out[0].tolist())
-        maps[f"step_{step}"] = m.attention_maps(attn_ids)[:, 0].half().contiguous()
+        maps[f"step_{step}"] = (
+            m.attention_maps(attn_ids)[:, 0].half().cpu().contiguous()
+        )
 
-    ckpt = RUNS / "laptop"
+    ckpt = RUNS / name
     resume = (ckpt / "checkpoint.json").exists() and not args.fresh
     t0 = time.perf_counter()
     hist = train(
@@ -109,7 +117,7 @@ def run_laptop(args: argparse.Namespace) -> None:
     tokens = rec.train.max_steps * rec.train.tokens_per_step(rec.model.context_length)
     tps = [r["tokens_per_s"] for r in hist["train"] if "tokens_per_s" in r]
     tps_median = sorted(tps)[len(tps) // 2]
-    peak, peak_src = peak_flops("cpu")
+    peak, peak_src = peak_flops(device)
     results = {
         "val_loss_nats_per_token": val_nats,
         "val_bits_per_char": bits_per_char(val_nats, len(val_ids), data["val_chars"]),
@@ -134,12 +142,12 @@ def run_laptop(args: argparse.Namespace) -> None:
     }
     print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=1))
 
-    out = Path(args.out)
+    out = Path(args.out or MODEL_DIRS[name])
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / "model.safetensors"))
     tok.save(out / "tokenizer.json")
     info = {
-        "name": "shakespeare-laptop",
+        "name": f"shakespeare-{name}",
         "description": "GPT trained from scratch on Tiny Shakespeare (first 90% of "
         "characters) with the course BPE; chapter 04 of the course.",
         "tokenizer_file": "tokenizer.json",
@@ -153,8 +161,8 @@ def run_laptop(args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     log = {"history": hist, "samples": samples, "snapshot_steps": keep}
     log["attention_tokens"] = tok.tokens(attn_ids[0].tolist())
-    (RESULTS / "laptop_run.json").write_text(json.dumps(log) + "\n")
-    save_file(maps, str(RESULTS / "laptop_attention.safetensors"))
+    (RESULTS / f"{name}_run.json").write_text(json.dumps(log) + "\n")
+    save_file(maps, str(RESULTS / f"{name}_attention.safetensors"))
     print(f"shipped to {out}")
 
 
@@ -238,15 +246,15 @@ def run_compute(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["laptop", "compute"])
+    ap.add_argument("what", choices=["laptop", "gpu", "compute"])
     ap.add_argument("--steps", type=int, default=None, help="override max_steps")
-    ap.add_argument("--out", default=str(LAPTOP_MODEL_DIR))
+    ap.add_argument("--out", default=None, help="where to ship the model")
     ap.add_argument("--fresh", action="store_true", help="ignore an old checkpoint")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"laptop": run_laptop, "compute": run_compute}[args.what](args)
+    (run_compute if args.what == "compute" else run_model)(args)
 
 
 if __name__ == "__main__":
