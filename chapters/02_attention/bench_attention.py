@@ -120,7 +120,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         return sum(max(0, e.self_cpu_memory_usage) for e in prof.key_averages())
 
 
-def median_seconds_interleaved(
+def median_seconds(
     fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
 ) -> dict[str, float]:
     """Median wall time of each function (at least ``repeats`` calls), in blocks.
@@ -205,9 +205,7 @@ def _benchmark(
         calls[t] = {
             name: partial(impl, q, k, v) for name, impl in IMPLEMENTATIONS.items()
         }
-    seconds = {
-        t: median_seconds_interleaved(fns, repeats, device) for t, fns in calls.items()
-    }
+    seconds = {t: median_seconds(fns, repeats, device) for t, fns in calls.items()}
     results = []
     for t, fns in calls.items():
         for name, fn in fns.items():
