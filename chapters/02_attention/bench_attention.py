@@ -149,7 +149,6 @@ def median_seconds(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-@torch.no_grad()
 def benchmark(
     context_lengths: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
     *,
@@ -161,10 +160,13 @@ def benchmark(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     threads: int | None = None,
+    backward: bool = False,
 ) -> list[Result]:
     """Time (median of ``repeats``) and peak memory of both implementations at each T.
 
-    Forward pass only, without autograd: the inference cost. Outputs are checked to
+    By default the forward pass without autograd (the inference cost); with
+    ``backward`` a forward and backward pass, as in training, where the explicit
+    version must also keep its weights for the gradient. Outputs are checked to
     agree before anything is timed; all timings run before any memory profiling,
     because the profiler disturbs the timings that follow it. ``threads`` sets
     PyTorch's CPU threads for the run (one thread is the steadiest on a busy machine:
@@ -174,9 +176,18 @@ def benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _benchmark(
-            context_lengths, batch, heads, head_dim, repeats, device, dtype, seed
-        )
+        with torch.set_grad_enabled(backward):
+            return _benchmark(
+                context_lengths,
+                batch,
+                heads,
+                head_dim,
+                repeats,
+                device,
+                dtype,
+                seed,
+                backward,
+            )
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -190,6 +201,7 @@ def _benchmark(
     device: torch.device | str,
     dtype: torch.dtype,
     seed: int,
+    backward: bool,
 ) -> list[Result]:
     device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -199,11 +211,14 @@ def _benchmark(
         q, k, v = (
             torch.randn(shape, generator=gen, dtype=dtype).to(device) for _ in range(3)
         )
+        for z in (q, k, v):
+            z.requires_grad_(backward)
         torch.testing.assert_close(
             explicit_attention(q, k, v), fused_attention(q, k, v), rtol=1e-4, atol=1e-4
         )
+        step = _forward_backward if backward else _forward
         calls[t] = {
-            name: partial(impl, q, k, v) for name, impl in IMPLEMENTATIONS.items()
+            name: partial(step, impl, q, k, v) for name, impl in IMPLEMENTATIONS.items()
         }
     seconds = {t: median_seconds(fns, repeats, device) for t, fns in calls.items()}
     results = []
@@ -219,6 +234,19 @@ def _benchmark(
                 )
             )
     return results
+
+
+def _forward(impl: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return impl(q, k, v)
+
+
+def _forward_backward(
+    impl: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor
+) -> Tensor:
+    out = impl(q, k, v)
+    out.sum().backward()  # gradients land in q.grad, k.grad, v.grad
+    q.grad = k.grad = v.grad = None
+    return out.detach()
 
 
 def ratios(results: Sequence[Result]) -> list[dict[str, float]]:
@@ -271,6 +299,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument(
+        "--backward", action="store_true", help="time forward + backward (training)"
+    )
     args = parser.parse_args()
     results = benchmark(
         args.T,
@@ -280,9 +311,11 @@ def main() -> None:
         repeats=args.repeats,
         device=args.device,
         threads=args.threads,
+        backward=args.backward,
     )
     print(
-        f"causal attention forward, batch={args.batch} heads={args.heads} "
+        f"causal attention {'forward+backward' if args.backward else 'forward'}, "
+        f"batch={args.batch} heads={args.heads} "
         f"head_dim={args.head_dim} float32 on {args.device}, "
         f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
         f"threads; "
