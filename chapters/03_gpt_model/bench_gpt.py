@@ -5,6 +5,9 @@ context 64, batch 12, vocabulary 65, no biases, no dropout. We time forward + ba
 (and, separately, a full AdamW step) with both attention paths, interleaved in the same
 run so that background load hits both alike, and print medians and ratios.
 
+On a machine busy with other work, two PyTorch threads can run many times slower than
+one (threads wait for each other at every operation); try ``--threads 1`` there.
+
     python chapters/03_gpt_model/bench_gpt.py [--repeats 5] [--steps 10] [--threads N]
 """
 
@@ -69,7 +72,11 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"\n{label}:")
         for impl in models:
-            print(f"  {impl:8s} median {tokens / med[impl]:9,.0f} tokens/s")
+            lo, hi = tokens / max(times[impl]), tokens / min(times[impl])
+            print(
+                f"  {impl:8s} median {tokens / med[impl]:9,.0f} tokens/s "
+                f"(range {lo:,.0f}-{hi:,.0f})"
+            )
         print(f"  fused / explicit speed ratio: {med['explicit'] / med['fused']:.2f}x")
 
 
