@@ -137,13 +137,18 @@ class MultiHeadAttention(nn.Module):
     @classmethod
     def from_config(cls, config) -> MultiHeadAttention:
         """Build from a ``GPTConfig`` (or anything with the same fields)."""
-        return MultiHeadAttention(**_config_kwargs(config))
+        return cls(**_config_kwargs(config))
 
     def forward(
         self, x: torch.Tensor, return_weights: bool = False, impl: str | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, T, C) -> (B, T, C); with ``return_weights`` also (B, n_head, T, T)."""
         b, t, c = x.shape
+        if t > self.context_length:
+            raise ValueError(
+                f"sequence of {t} tokens is longer than context_length="
+                f"{self.context_length}"
+            )
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently
         q, k, v = (
@@ -168,6 +173,11 @@ class CausalSelfAttention(MultiHeadAttention):
 
     def __init__(self, config) -> None:
         super().__init__(**_config_kwargs(config))
+
+    @classmethod
+    def from_config(cls, config) -> CausalSelfAttention:
+        """Same as ``CausalSelfAttention(config)``."""
+        return cls(config)
 
 
 def _config_kwargs(config) -> dict:

@@ -143,3 +143,17 @@ def test_bad_arguments():
     q = torch.randn(1, 4, 8)
     with pytest.raises(ValueError, match="explicit"):
         causal_attention(q, q, q, impl="fused", return_weights=True)
+
+
+def test_too_long_sequence_and_from_config_class():
+    from shared.attention import CausalSelfAttention
+    from shared.model import GPTConfig
+
+    cfg = GPTConfig(vocab_size=11, context_length=8, n_layer=1, n_head=2, n_embd=8)
+    attn = CausalSelfAttention.from_config(cfg)
+    assert type(attn) is CausalSelfAttention
+    for rope in (False, True):
+        m = MultiHeadAttention(8, 2, context_length=8, rope=rope)
+        m(torch.randn(1, 8, 8))  # exactly the context is fine
+        with pytest.raises(ValueError, match="longer than context_length=8"):
+            m(torch.randn(1, 10, 8))
