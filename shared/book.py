@@ -77,6 +77,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _CHAPTER_PREFIX = re.compile(
     r"^(?:chapter|ch\.?)\s*\d+\s*(?:[—–:.\-]+\s*)?", re.IGNORECASE
 )
+_SECTION_NUMBER = re.compile(r"^(#{2,6}[ \t]+)\d+(?:\.\d+)+\.?[ \t]+")
 _CHAPTER_FILE = re.compile(r"^(\d{2})_[^/]+$")
 _MISSING_CHAR = re.compile(
     r"Missing character: There is no (.+?) \((U\+[0-9A-F]+)\) in font ([^/!:]+)"
@@ -383,7 +384,8 @@ def chapter_headings(
 ) -> tuple[NotebookNode, str, list[str]]:
     """Make the first ``#`` heading the chapter title; demote any other ``#`` heading.
 
-    "Chapter 3 — The GPT model" becomes "The GPT model": LaTeX numbers the chapter.
+    "Chapter 3 — The GPT model" becomes "The GPT model" and "## 3.2 Blocks" becomes
+    "## Blocks": LaTeX numbers chapters and sections.
     Returns the notebook, the plain title, and warnings.
     """
     warnings, title = [], None
@@ -402,6 +404,9 @@ def chapter_headings(
                     f"second '#' heading {match.group(1)!r} printed as a section"
                 )
                 line = "#" + line
+            elif not in_code:
+                # "## 4.2 The loop": LaTeX numbers sections itself
+                line = _SECTION_NUMBER.sub(r"\1", line)
             lines.append(line)
         cell.source = "\n".join(lines)
     if title is None:

@@ -93,7 +93,7 @@ def sample_notebook():
             ],
         ),
         new_markdown_cell("# A second top-level heading"),
-        new_markdown_cell("## Exercises\n\n**Exercise 2.1.** Why?"),
+        new_markdown_cell("## 2.10 Exercises\n\n**Exercise 2.1.** Why?\n\n## 2 heads"),
         new_code_cell("answer = 42", metadata={"tags": ["solution"]}),
         new_markdown_cell("Because.", metadata={"tags": ["solution"]}),
     ]
@@ -191,6 +191,9 @@ def test_chapter_title_numbering_and_solutions(prepared):
     assert chapter.title == "Attention"
     assert nb.cells[0].source == "\\setcounter{chapter}{1}"  # LaTeX then says Chapter 2
     assert nb.cells[1].source.startswith("MD<# Attention\n")
+    exercises = next(c for c in nb.cells if "Exercise 2.1" in c.source)
+    assert exercises.source.startswith("MD<## Exercises\n")  # LaTeX numbers it
+    assert "## 2 heads" in exercises.source  # a heading that only starts with a number
     demoted = next(c for c in nb.cells if "second top-level" in c.source)
     assert demoted.source == "MD<## A second top-level heading>"
     assert any("second '#' heading" in w for w in chapter.warnings)
