@@ -88,6 +88,7 @@ def attention_heatmap(
     annot: bool = False,
     hide_masked: bool = True,
     cbar_label: str = "attention weight",
+    max_width: float = 7.5,
 ) -> plt.Figure:
     """Draw one or several heads' attention matrices side by side with one colour bar.
 
@@ -95,6 +96,8 @@ def attention_heatmap(
     rows are queries (the token that attends), columns are keys (the token attended to).
     Entries that are exactly zero above the diagonal (causal mask) are left blank
     when ``hide_masked`` is true, so the triangle of allowed positions stands out.
+    The figure is at most ``max_width`` inches wide, so it prints at a readable scale;
+    tick labels are thinned to what fits.
     """
     arr = _to_numpy(weights)
     n_heads, t_q, t_k = arr.shape
@@ -110,17 +113,18 @@ def attention_heatmap(
         [format_token(t) for t in query_tokens] if query_tokens is not None else False
     )
     xlabels = [format_token(t) for t in key_tokens] if key_tokens is not None else False
-    # with many tokens, label only every k-th so labels stay legible
-    step = max(1, math.ceil(max(t_q, t_k) / 32))
-    if step > 1:
-        ylabels = _every(ylabels, step)
-        xlabels = _every(xlabels, step)
-
     ncols = max(1, min(ncols, n_heads))
     nrows = math.ceil(n_heads / ncols)
     if cell_size is None:
         cell_size = min(0.42, 4.2 / max(t_q, t_k, 1))
     side = max(2.6, cell_size * max(t_q, t_k) + 1.0)
+    side = min(side, (max_width - 0.9) / ncols)  # panel side in inches, capped
+    # label only every k-th token so labels (about 9 pt apart) stay legible
+    fits = max(2, int((side - 0.6) * 72 / 9))
+    step = max(1, math.ceil(max(t_q, t_k) / fits))
+    if step > 1:
+        ylabels = _every(ylabels, step)
+        xlabels = _every(xlabels, step)
     fig, axes = plt.subplots(
         nrows,
         ncols,
@@ -162,12 +166,14 @@ def attention_heatmap(
         )
         ax.tick_params(axis="x", labelrotation=90, labelsize=8)
         ax.tick_params(axis="y", labelrotation=0, labelsize=8)
-        if h % ncols == 0:
+        if n_heads == 1:
             ax.set_ylabel("query (attending token)")
-        if h // ncols == nrows - 1 or h + ncols >= n_heads:
             ax.set_xlabel("key (attended-to token)")
     sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(vmin, vmax), cmap=cmap)
     fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=cbar_label, pad=0.02)
+    if n_heads > 1:  # one label per figure: panels may be too narrow for their own
+        fig.supylabel("query (attending token)", fontsize=11)
+        fig.supxlabel("key (attended-to token)", fontsize=11)
     if suptitle:
         fig.suptitle(suptitle)
     return fig

@@ -26,8 +26,8 @@ def test_heads_side_by_side_with_labels_and_one_colorbar():
     xlabels = [t.get_text() for t in head_axes[0].get_xticklabels()]
     assert ylabels == ["The", "␣cat", "␣sat", "␣on", "␣the", "␣mat"]
     assert xlabels == ylabels
-    assert head_axes[0].get_ylabel().startswith("query")
-    assert head_axes[0].get_xlabel().startswith("key")
+    assert fig.get_supylabel().startswith("query")
+    assert fig.get_supxlabel().startswith("key")
     assert len(fig.axes) == 4  # 3 heads + exactly one colour bar
     plt.close(fig)
 
@@ -35,6 +35,8 @@ def test_heads_side_by_side_with_labels_and_one_colorbar():
 def test_single_matrix_numpy_input_and_grid_layout():
     fig = attention_heatmap(np.full((4, 4), 0.25), list("abcd"), ncols=2, titles=["w"])
     assert len(fig.axes) == 2
+    assert fig.axes[0].get_ylabel().startswith("query")
+    assert fig.axes[0].get_xlabel().startswith("key")
     plt.close(fig)
     fig = attention_heatmap(causal_weights(5, 4), ncols=2)
     visible = [ax for ax in fig.axes if ax.get_title().startswith("head")]
@@ -60,3 +62,15 @@ def test_bad_shapes_are_explained():
 def test_format_token_shows_whitespace():
     assert format_token(" the\n") == "␣the\\n"
     assert format_token("\t\r") == "\\t\\r"
+
+
+@pytest.mark.parametrize(
+    "heads,t,ncols", [(1, 6, 4), (4, 10, 2), (8, 64, 4), (12, 128, 6)]
+)
+def test_figures_fit_the_printed_page(heads, t, ncols):
+    fig = attention_heatmap(
+        causal_weights(heads, t), [f"w{i}" for i in range(t)], ncols=ncols
+    )
+    width, _ = fig.get_size_inches()
+    assert width <= 7.5 + 1e-9
+    plt.close(fig)
