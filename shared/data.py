@@ -137,6 +137,7 @@ def _download(entry: DataFile, dest: Path, timeout: float) -> None:
                 f"download of {entry.name} from {entry.url} has SHA-256 {actual}, "
                 f"expected {entry.sha256}; the file was discarded"
             )
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600
         os.replace(tmp_name, dest)
     finally:
         if os.path.exists(tmp_name):
@@ -149,6 +150,7 @@ def _copy_atomic(src: Path, dest: Path) -> None:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp_name)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600
         os.replace(tmp_name, dest)
     finally:
         if os.path.exists(tmp_name):

@@ -156,7 +156,7 @@ def attention_heatmap(
             annot_kws={"fontsize": 7},
             xticklabels=xlabels,
             yticklabels=ylabels,
-            linewidths=0.3 if max(t_q, t_k) <= 24 else 0,
+            linewidths=0.3 if side / max(t_q, t_k) >= 0.12 else 0,  # >= 0.12 in cells
             linecolor="white",
         )
         ax.set_facecolor("#f2f2f2")

@@ -677,6 +677,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a saved tokenizer is a normal file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
