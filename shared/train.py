@@ -469,12 +469,7 @@ def _evaluated(history: dict, step: int) -> bool:
 # --------------------------------------------------------------------------- throughput
 
 
-def flops_per_token(
-    n_params: int, n_layer: int, n_embd: int, context_length: int
-) -> float:
-    """Training FLOPs per token: 6N for the weights (forward 2N, backward 4N) plus
-    12·L·d·T for attention scores and weighted sums (PaLM appendix B, nanoGPT)."""
-    return 6.0 * n_params + 12.0 * n_layer * n_embd * context_length
+# FLOPs per token are counted in shared.flops.flops_per_token (6N + attention term).
 
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity)

@@ -18,7 +18,6 @@ from shared.train import (
     configure_optimizer,
     estimate_loss,
     evaluate_split,
-    flops_per_token,
     load_checkpoint,
     lr_at,
     parameter_groups,
@@ -263,8 +262,3 @@ def test_evaluate_split_and_bits_per_char():
     assert full == pytest.approx(ref, rel=1e-5)
     # 1 nat/token at 2 chars/token is 0.5 nats/char = 0.7213 bits/char
     assert bits_per_char(1.0, 100, 200) == pytest.approx(0.5 / math.log(2))
-
-
-def test_flops_per_token():
-    # nanoGPT's CPU model: N = 0.8M, 4 layers of width 128, context 64
-    assert flops_per_token(800_000, 4, 128, 64) == 6 * 800_000 + 12 * 4 * 128 * 64
