@@ -18,8 +18,11 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,38 +126,44 @@ def fetch(name: str, *, timeout: float = 30.0, verbose: bool = False) -> Path:
 
 
 def _download(entry: DataFile, dest: Path, timeout: float) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    try:
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.urlopen(entry.url, timeout=timeout) as response,
-        ):
-            shutil.copyfileobj(response, out)
-        actual = sha256sum(tmp_name)
-        if actual != entry.sha256:
+    digest = hashlib.sha256()
+    with (
+        atomic_write(dest) as out,
+        urllib.request.urlopen(entry.url, timeout=timeout) as response,
+    ):
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            digest.update(chunk)
+            out.write(chunk)
+        if digest.hexdigest() != entry.sha256:  # raising here discards the file
             raise ChecksumError(
-                f"download of {entry.name} from {entry.url} has SHA-256 {actual}, "
-                f"expected {entry.sha256}; the file was discarded"
+                f"download of {entry.name} from {entry.url} has SHA-256 "
+                f"{digest.hexdigest()}, expected {entry.sha256}; the file was discarded"
             )
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600
-        os.replace(tmp_name, dest)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    os.close(fd)
+    with atomic_write(dest) as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[IO]:
+    """Write to a temporary file beside ``path``; move it into place only on success.
+
+    Readers never see a half-written file, and an exception leaves no file behind.
+    ``mode`` and ``kwargs`` go to ``open`` (e.g. ``"w", encoding="utf-8"``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
     try:
-        shutil.copyfile(src, tmp_name)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600
-        os.replace(tmp_name, dest)
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary files
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _offline_message(

@@ -20,7 +20,6 @@ import hashlib
 import heapq
 import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from functools import lru_cache
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 import regex
+
+from shared.data import atomic_write
 
 # GPT-2's pre-tokenization pattern, exactly as tiktoken's ``gpt2`` encoding spells it:
 # contractions, letters, numbers, other symbols (each optionally after one space),
@@ -672,16 +673,8 @@ class CharTokenizer:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a saved tokenizer is a normal file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _read_json(path: str | os.PathLike, fmt: str) -> dict:

@@ -119,3 +119,18 @@ def test_tiny_shakespeare_fetch_when_available():
     assert path.stat().st_size == 1_115_394
     assert sha256sum(path) == REGISTRY["tinyshakespeare"].sha256
     assert Path(data.cache_dir()) in path.parents
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    from shared.data import atomic_write
+
+    target = tmp_path / "sub" / "file.txt"
+    with atomic_write(target, "w", encoding="utf-8") as f:
+        f.write("first")
+    assert target.read_text() == "first"
+    assert target.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError), atomic_write(target, "w") as f:
+        f.write("half-written")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "first"  # the old file is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
