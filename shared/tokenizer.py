@@ -517,6 +517,29 @@ def train_merges(
     return merges
 
 
+def naive_train(text: str, n_merges: int) -> list[tuple[bytes, bytes]]:
+    """Reference trainer: recount every pair of every pre-token before each merge.
+
+    Slow (minbpe-style) but obviously right; the tests and ``bench_bpe.py`` check the
+    fast trainer against it. Same rule: most frequent pair, ties to the greater bytes.
+    """
+    chunks = [list(c.encode("utf-8")) for c in regex.findall(GPT2_PATTERN, text)]
+    vocab = {i: bytes([i]) for i in range(256)}
+    merges = []
+    for k in range(n_merges):
+        counts: dict[tuple[int, int], int] = {}
+        for ids in chunks:
+            for pair in zip(ids, ids[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        a, b = max(counts, key=lambda p: (counts[p], vocab[p[0]], vocab[p[1]]))
+        vocab[256 + k] = vocab[a] + vocab[b]
+        merges.append((vocab[a], vocab[b]))
+        chunks = [_merge(ids, (a, b), 256 + k) for ids in chunks]
+    return merges
+
+
 # --------------------------------------------------------------------------------------
 # GPT-2
 

@@ -22,6 +22,7 @@ from shared.tokenizer import (
     course_training_text,
     from_readable,
     gpt2_tokenizer,
+    naive_train,
     readable,
 )
 
@@ -213,37 +214,6 @@ def test_tie_compares_pairs_not_concatenations():
 @given(st.lists(st.binary(max_size=6), min_size=2, max_size=20))
 def test_desc_key_orders_byte_strings_descending(items):
     assert sorted(items, key=_desc_key) == sorted(items, reverse=True)
-
-
-def naive_train(text: str, n_merges: int) -> list[tuple[bytes, bytes]]:
-    """Reference: recount every pair of every pre-token before each merge."""
-    import regex
-
-    words = [list(w.encode()) for w in regex.findall(GPT2_PATTERN, text)]
-    vocab = {i: bytes([i]) for i in range(256)}
-    merges = []
-    for k in range(n_merges):
-        counts: dict[tuple[int, int], int] = {}
-        for w in words:
-            for p in zip(w, w[1:], strict=False):
-                counts[p] = counts.get(p, 0) + 1
-        if not counts:
-            break
-        a, b = max(counts, key=lambda p: (counts[p], vocab[p[0]], vocab[p[1]]))
-        new = 256 + k
-        vocab[new] = vocab[a] + vocab[b]
-        merges.append((vocab[a], vocab[b]))
-        for i, w in enumerate(words):
-            out, j = [], 0
-            while j < len(w):
-                if j < len(w) - 1 and w[j] == a and w[j + 1] == b:
-                    out.append(new)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            words[i] = out
-    return merges
 
 
 @pytest.mark.parametrize("start", [0, 500_000])

@@ -28,41 +28,9 @@ import regex
 import tiktoken
 
 from shared.data import read_text
-from shared.tokenizer import GPT2_PATTERN, BPETokenizer, gpt2_tokenizer
+from shared.tokenizer import GPT2_PATTERN, BPETokenizer, gpt2_tokenizer, naive_train
 
 VOCAB_SIZE = 1024
-
-
-def naive_train(text: str, n_merges: int) -> list[tuple[bytes, bytes]]:
-    """Recount all pairs of all pre-tokens before every merge (minbpe-style)."""
-    chunks = [list(c.encode("utf-8")) for c in regex.findall(GPT2_PATTERN, text)]
-    vocab = {i: bytes([i]) for i in range(256)}
-    merges = []
-    for k in range(n_merges):
-        counts: dict[tuple[int, int], int] = {}
-        for ids in chunks:
-            for pair in zip(ids, ids[1:], strict=False):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        # same rule as the fast trainer: most frequent, ties -> greater byte pair
-        a, b = max(counts, key=lambda p: (counts[p], vocab[p[0]], vocab[p[1]]))
-        new_id = 256 + k
-        vocab[new_id] = vocab[a] + vocab[b]
-        merges.append((vocab[a], vocab[b]))
-        for j, ids in enumerate(chunks):
-            if len(ids) < 2:
-                continue
-            out, i = [], 0
-            while i < len(ids):
-                if i < len(ids) - 1 and ids[i] == a and ids[i + 1] == b:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            chunks[j] = out
-    return merges
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
