@@ -75,6 +75,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else REPO_ROOT / "data" / "downloads"
 
 
+def artefact_dir() -> Path:
+    """Derived artefacts (trained tokenizers, cached ids): ``$BOOK_CACHE_DIR`` or
+    ``data/cache`` in the repo."""
+    env = os.environ.get("BOOK_CACHE_DIR")
+    return Path(env).expanduser() if env else REPO_ROOT / "data" / "cache"
+
+
 def sha256sum(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()

@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from shared.data import atomic_write
-from shared.tokenizer import artefact_dir
+from shared.data import artefact_dir, atomic_write
 
 S = TypeVar("S", bound=Sequence)
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_model
 
+from shared.data import REPO_ROOT
 from shared.model import GPT, GPTConfig
 from shared.train import TrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LAPTOP_MODEL_DIR = REPO_ROOT / "data" / "models" / "shakespeare-laptop"
 NANOGPT_CPU = {  # nanoGPT's documented CPU run (README, shakespeare_char)
     "params": 0.80e6,

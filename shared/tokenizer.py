@@ -28,7 +28,7 @@ from typing import Literal
 
 import regex
 
-from shared.data import atomic_write
+from shared.data import artefact_dir, atomic_write
 
 # GPT-2's pre-tokenization pattern, exactly as tiktoken's ``gpt2`` encoding spells it:
 # contractions, letters, numbers, other symbols (each optionally after one space),
@@ -43,17 +43,8 @@ FORMAT_BPE = "llm-course-bpe-tokenizer"
 FORMAT_CHAR = "llm-course-char-tokenizer"
 FORMAT_VERSION = 1
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
 class TokenizerFileError(ValueError):
     """A tokenizer file is damaged, foreign, or from an unknown format version."""
-
-
-def artefact_dir() -> Path:
-    """Folder for derived artefacts (trained tokenizers, cached ids): ``data/cache``."""
-    env = os.environ.get("BOOK_CACHE_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT / "data" / "cache"
 
 
 # --------------------------------------------------------------------------------------
