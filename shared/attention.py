@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMPLS = ("explicit", "fused")
+IMPLS = ("fused", "explicit")  # the attention implementations, default first
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
@@ -28,47 +28,91 @@ def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch
     return torch.triu(ones, diagonal=1 + t_k - t_q)
 
 
+def check_in_range(values: torch.Tensor, high: int, what: str, hint: str = "") -> None:
+    """Raise ValueError unless every value is in ``[0, high)``.
+
+    On an accelerator the check runs on the device (``torch._assert_async``): asking
+    the host for a min and a max would stall every forward pass until the device
+    catches up. On the CPU there is nothing to wait for, and the error can say more.
+    """
+    ok = ((values >= 0) & (values < high)).all()
+    if values.device.type != "cpu":
+        torch._assert_async(ok, f"{what} must be in [0, {high}){hint}")
+    elif values.numel() and not bool(ok):
+        raise ValueError(
+            f"{what} must be in [0, {high}); got min {int(values.min())}, "
+            f"max {int(values.max())}{hint}"
+        )
+
+
+def check_positions(positions: int | torch.Tensor, context_length: int) -> None:
+    """Clear error for a sequence or position ids past ``context_length``."""
+    if not isinstance(positions, int):
+        return check_in_range(positions, context_length, "position ids")
+    if positions > context_length:
+        raise ValueError(
+            f"sequence of {positions} tokens is longer than context_length="
+            f"{context_length}; crop it (e.g. idx[:, -context_length:])"
+        )
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    attn_mask: torch.Tensor | None = None,
     impl: str = "fused",
     dropout_p: float = 0.0,
     return_weights: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal scaled dot-product attention on (..., T, d) tensors.
 
-    ``impl="explicit"`` computes the weights by hand; ``"fused"`` uses PyTorch's kernel.
-    ``dropout_p`` is applied as given (pass 0.0 in eval mode). With ``return_weights``
-    (explicit only) also return the softmax weights (..., T_q, T_k), before dropout.
+    ``attn_mask`` (boolean, broadcastable to (..., T_q, T_k), True where a query MAY
+    attend, as in ``F.scaled_dot_product_attention``) is combined with causality, e.g.
+    a padding mask (B, 1, 1, T_k). A query left with no key to attend to (a padding
+    row) gets an output of zeros, not NaN. ``impl="explicit"`` computes the weights by
+    hand; ``"fused"`` uses PyTorch's kernel. ``dropout_p`` is applied as given (pass
+    0.0 in eval mode). With ``return_weights`` (explicit only) also return the softmax
+    weights (..., T_q, T_k), before dropout.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    t_q, t_k = q.size(-2), k.size(-2)
-    if impl == "fused" and not return_weights:
-        if t_q == t_k:
-            return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=True
-            )
-        # SDPA's is_causal aligns the mask top-left; new queries over cached keys need
-        # bottom-right alignment, so pass the mask explicitly (True = may attend).
-        allowed = ~causal_mask(t_q, t_k, q.device)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=dropout_p
-        )
-    if impl == "fused":
+    if return_weights and impl == "fused":
         raise ValueError(
             "return_weights needs impl='explicit' (the fused kernel hides them)"
         )
+    t_q, t_k = q.size(-2), k.size(-2)
+    # queries are the last t_q positions: bottom-right aligned causality (KV caches)
+    allowed = ~causal_mask(t_q, t_k, q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be boolean, got {attn_mask.dtype}")
+        allowed = allowed & attn_mask
+    if impl == "fused":
+        if attn_mask is None and t_q == t_k:  # the kernel's own causal path
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=True
+            )
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=dropout_p
+        )
+        return _zero_empty_rows(out, allowed) if attn_mask is not None else out
 
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (..., T_q, T_k)
     # mask BEFORE softmax: -inf becomes exactly 0 weight and the rows still sum to 1
-    scores = scores.masked_fill(causal_mask(t_q, t_k, q.device), float("-inf"))
+    scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
+    if attn_mask is not None:  # a row of only -inf is NaN after softmax
+        weights = _zero_empty_rows(weights, allowed)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = dropped @ v
     return (out, weights) if return_weights else out
+
+
+def _zero_empty_rows(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Zero the rows (queries) of ``x`` that may attend to no key at all."""
+    return x.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
 
 # ---------------------------------------------------------------------------- RoPE
@@ -87,14 +131,23 @@ def rope_cache(
 
 
 def apply_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rotate (..., T, head_dim) queries or keys by their positions (rotate-half)."""
-    t = x.size(-2)
-    cos, sin = (
-        cos[offset : offset + t].to(x.dtype),
-        sin[offset : offset + t].to(x.dtype),
-    )
+    """Rotate (..., T, head_dim) queries or keys by their positions (rotate-half).
+
+    Positions are ``0..T-1`` unless ``position_ids`` (T,) or (B, T) says otherwise,
+    e.g. for left-padded rows or new tokens after a KV cache.
+    """
+    if position_ids is None:
+        cos, sin = cos[: x.size(-2)], sin[: x.size(-2)]
+    else:
+        cos, sin = cos[position_ids], sin[position_ids]  # (T, hd) or (B, T, hd)
+        if position_ids.dim() == 2:  # one row of positions per sequence: add heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
@@ -137,56 +190,50 @@ class MultiHeadAttention(nn.Module):
     @classmethod
     def from_config(cls, config) -> MultiHeadAttention:
         """Build from a ``GPTConfig`` (or anything with the same fields)."""
-        return cls(**_config_kwargs(config))
+        return cls(
+            d_in=config.n_embd,
+            n_head=config.n_head,
+            context_length=config.context_length,
+            dropout=config.dropout,
+            bias=config.bias,
+            rope=config.pos_encoding == "rope",
+            impl=config.attn_impl,
+            rope_base=config.rope_base,
+        )
 
     def forward(
-        self, x: torch.Tensor, return_weights: bool = False, impl: str | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_weights: bool = False,
+        impl: str | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, C) -> (B, T, C); with ``return_weights`` also (B, n_head, T, T)."""
+        """(B, T, C) -> (B, T, C); with ``return_weights`` also (B, n_head, T, T).
+
+        ``attn_mask``: boolean, True where a query may attend, broadcastable to
+        (B, n_head, T, T), combined with the causal mask. ``position_ids`` place the
+        tokens for RoPE (default ``0..T-1``).
+        """
         b, t, c = x.shape
-        if t > self.context_length:
-            raise ValueError(
-                f"sequence of {t} tokens is longer than context_length="
-                f"{self.context_length}"
-            )
+        check_positions(t, self.context_length)
+        if self.rope and position_ids is not None:  # they index the rotation tables
+            check_positions(position_ids, self.context_length)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently
         q, k, v = (
             z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v)
         )
         if self.rope:
-            q = apply_rope(q, self.rope_cos, self.rope_sin)
-            k = apply_rope(k, self.rope_cos, self.rope_sin)
+            q = apply_rope(q, self.rope_cos, self.rope_sin, position_ids)
+            k = apply_rope(k, self.rope_cos, self.rope_sin, position_ids)
         impl = "explicit" if return_weights else (impl or self.impl)
         p = self.dropout if self.training else 0.0
         result = causal_attention(
-            q, k, v, impl=impl, dropout_p=p, return_weights=return_weights
-        )
+            q, k, v, attn_mask=attn_mask, impl=impl, dropout_p=p,
+            return_weights=return_weights,
+        )  # fmt: skip
         out, weights = result if return_weights else (result, None)
         out = out.transpose(1, 2).contiguous().view(b, t, c)  # concatenate the heads
         out = self.resid_dropout(self.c_proj(out))
         return (out, weights) if return_weights else out
-
-
-class CausalSelfAttention(MultiHeadAttention):
-    """nanoGPT's name for the same module, built from a ``GPTConfig``."""
-
-    def __init__(self, config) -> None:
-        super().__init__(**_config_kwargs(config))
-
-    @classmethod
-    def from_config(cls, config) -> CausalSelfAttention:
-        """Same as ``CausalSelfAttention(config)``."""
-        return cls(config)
-
-
-def _config_kwargs(config) -> dict:
-    return dict(
-        d_in=config.n_embd,
-        n_head=config.n_head,
-        context_length=config.context_length,
-        dropout=config.dropout,
-        bias=config.bias,
-        rope=getattr(config, "pos_encoding", "learned") == "rope",
-        impl=getattr(config, "attn_impl", "fused"),
-    )

@@ -1,4 +1,5 @@
-"""From token ids to training batches: split, sliding windows, DataLoader, id cache."""
+"""From token ids to training batches: split, sliding windows, DataLoader, random
+batches for the training loop, id cache."""
 
 from __future__ import annotations
 
@@ -94,6 +95,47 @@ def create_dataloader(
         num_workers=num_workers,
         generator=generator,
     )
+
+
+class BatchSampler:
+    """Random (x, y) windows from one long token array, nanoGPT style.
+
+    Its only randomness is its own ``torch.Generator``, so saving the generator state
+    (plus the batch counter) saves the exact data position of a run.
+    """
+
+    def __init__(self, data, batch_size: int, context_length: int, seed: int = 0):
+        self.data = torch.as_tensor(np.asarray(data, dtype=np.int64))
+        if self.data.ndim != 1 or len(self.data) <= context_length + 1:
+            raise ValueError(
+                f"need a 1-D token array longer than context_length + 1 = "
+                f"{context_length + 1}; got shape {tuple(self.data.shape)}"
+            )
+        self.batch_size = batch_size
+        self.context_length = context_length
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+        self._offsets = torch.arange(context_length)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch: inputs (B, T) and targets shifted by one (B, T)."""
+        high = len(self.data) - self.context_length
+        starts = torch.randint(high, (self.batch_size,), generator=self.generator)
+        idx = starts[:, None] + self._offsets
+        self.batches_drawn += 1
+        return self.data[idx], self.data[idx + 1]
+
+    def state_dict(self) -> dict:
+        """RNG state and counter: enough to continue with the very same batches."""
+        return {
+            "generator": self.generator.get_state(),
+            "batches_drawn": self.batches_drawn,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state from ``state_dict``."""
+        self.generator.set_state(state["generator"])
+        self.batches_drawn = int(state["batches_drawn"])
 
 
 def _tokenizer_key(tokenizer) -> str:

@@ -1,4 +1,5 @@
-"""Counting a GPT: parameters by component, weight memory, and training FLOPs per token.
+"""Counting a GPT: parameters by component, weight memory, training FLOPs per token,
+and how much of the machine's peak a run uses (MFU).
 
 Models are built on PyTorch's ``meta`` device, so even GPT-2 1.5B is counted without
 allocating a single weight, and the counts are those of the real ``shared.model.GPT``.
@@ -6,6 +7,7 @@ allocating a single weight, and the counts are those of the real ``shared.model.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import torch
@@ -73,3 +75,46 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> dict[str, 
         "attention": attention,
         "total": dense + attention,
     }
+
+
+# dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity)
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def measure_peak_flops(
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    size: int = 1024,
+    repeats: int = 20,
+) -> float:
+    """Best-of FLOP/s of a square matmul: a practical peak for this machine."""
+    device = torch.device(device or "cpu")
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def peak_flops(device: torch.device | str | None = None) -> tuple[float, str]:
+    """Peak FLOP/s for MFU and where the number comes from."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value, f"{name}: data-sheet dense bf16 peak"
+    value = measure_peak_flops(device)
+    return value, f"{device.type}: measured fp32 1024x1024 matmul (best of 20)"
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
+    return tokens_per_s * flops_per_tok / peak

@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.attention import CausalSelfAttention
+from shared.attention import IMPLS, MultiHeadAttention, check_in_range, check_positions
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
 FFNS = ("gelu", "swiglu")
-ATTN_IMPLS = ("fused", "explicit")
 
 # name -> (n_layer, n_head, n_embd) of the four published GPT-2 models
 GPT2_SIZES = {
@@ -50,13 +49,17 @@ class GPTConfig:
     ffn: str = "gelu"  # "gelu" | "swiglu"
     tie_weights: bool = True  # output head shares the token-embedding matrix
     attn_impl: str = "fused"  # "fused" | "explicit"
+    ffn_hidden: int | None = (
+        None  # feed-forward width; None: 4 n_embd (SwiGLU: 2/3 of it)
+    )
+    rope_base: float = 10000.0  # RoPE's longest wavelength, in positions (/ 2 pi)
 
     def __post_init__(self) -> None:
         for name, value, allowed in [
             ("pos_encoding", self.pos_encoding, POS_ENCODINGS),
             ("norm", self.norm, NORMS),
             ("ffn", self.ffn, FFNS),
-            ("attn_impl", self.attn_impl, ATTN_IMPLS),
+            ("attn_impl", self.attn_impl, IMPLS),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -66,6 +69,15 @@ class GPTConfig:
             )
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("RoPE needs an even head dimension (n_embd // n_head)")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ValueError(f"ffn_hidden must be positive, got {self.ffn_hidden}")
+
+    @property
+    def hidden_size(self) -> int:
+        """Feed-forward width: ``ffn_hidden``, else 4 n_embd (SwiGLU: 2/3 of that)."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return swiglu_hidden(self.n_embd) if self.ffn == "swiglu" else 4 * self.n_embd
 
     @classmethod
     def gpt2(cls, size: str = "124M", **overrides) -> GPTConfig:
@@ -104,15 +116,16 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """GPT-2's feed-forward: widen 4x, GELU, project back."""
+    """GPT-2's feed-forward: widen (4x by default), GELU, project back."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        hidden = config.hidden_size
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         # GPT-2 was trained with the tanh approximation of GELU; exact GELU would
         # shift loaded GPT-2 logits by ~1e-3
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +142,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        hidden = swiglu_hidden(config.n_embd)
+        hidden = config.hidden_size
         # gate and up projections in one matmul, like c_attn holds q, k and v
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -146,19 +159,22 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = MultiHeadAttention.from_config(config)
         self.ln_2 = make_norm(config)
         self.mlp = SwiGLU(config) if config.ffn == "swiglu" else MLP(config)
 
     def forward(
-        self, x: torch.Tensor, return_weights: bool = False
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_weights: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if return_weights:
-            a, weights = self.attn(self.ln_1(x), return_weights=True)
-            x = x + a
-            return x + self.mlp(self.ln_2(x)), weights
-        x = x + self.attn(self.ln_1(x))  # the residual stream carries x unchanged
-        return x + self.mlp(self.ln_2(x))
+        a = self.attn(self.ln_1(x), attn_mask, position_ids, return_weights)
+        a, weights = a if return_weights else (a, None)
+        x = x + a  # the residual stream carries x unchanged
+        x = x + self.mlp(self.ln_2(x))
+        return (x, weights) if return_weights else x
 
 
 def sinusoidal_table(context_length: int, n_embd: int) -> torch.Tensor:
@@ -169,6 +185,34 @@ def sinusoidal_table(context_length: int, n_embd: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * inv_freq)
     table[:, 1::2] = torch.cos(pos * inv_freq[: n_embd // 2])
     return table
+
+
+def expand_attention_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A (B, T) padding mask or (B, T, T) mask as boolean (B, 1, T_q, T_k), True = see.
+
+    A (B, T) mask marks the keys every query may see; broadcasting adds the heads
+    and the queries.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    elif mask.dim() != 4:
+        raise ValueError(
+            "attention_mask must be (B, T), (B, T, T) or (B, heads, T, T); "
+            f"got shape {tuple(mask.shape)}"
+        )
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) that count only real tokens: left padding starts at 0.
+
+    ``[[0, 0, 1, 1, 1]] -> [[0, 0, 0, 1, 2]]`` (padding gets position 0, unused).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 # ---------------------------------------------------------------------------- GPT
@@ -221,39 +265,50 @@ class GPT(nn.Module):
                 n -= self.transformer.wpe.weight.numel()
         return n
 
-    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def _embed(
+        self, idx: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         if idx.dim() != 2:
             raise ValueError(
-                f"idx must be (batch, time) token ids, got shape {idx.shape}"
+                f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}"
             )
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"idx must hold integer token ids, got {idx.dtype}")
+        check_in_range(idx, self.config.vocab_size, "token ids", " (wrong tokenizer?)")
         t = idx.size(1)
-        if t > self.config.context_length:
-            raise ValueError(
-                f"sequence of {t} tokens is longer than the model's context_length="
-                f"{self.config.context_length}; crop it (e.g. idx[:, -context_length:])"
-            )
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(
-                f"token ids must be in [0, {self.config.vocab_size}); got min "
-                f"{int(idx.min())}, max {int(idx.max())} (wrong tokenizer?)"
-            )
+        check_positions(
+            t if position_ids is None else position_ids, self.config.context_length
+        )
+        if position_ids is None:
+            position_ids = torch.arange(t, device=idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
-            x = x + self.transformer.wpe(torch.arange(t, device=idx.device))
+            x = x + self.transformer.wpe(position_ids)
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[:t]
+            x = x + self.pos_table[position_ids]
         # RoPE: positions enter inside attention, by rotating queries and keys
         return self.transformer.drop(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, vocab); with ``targets`` also the mean cross-entropy (nats)."""
-        x = self._embed(idx)
+        """Logits (B, T, vocab); with ``targets`` also the mean cross-entropy (nats).
+
+        ``attention_mask``: (B, T) with 1/True for real tokens and 0/False for
+        padding, or any boolean mask (B, T, T) / (B, 1 or n_head, T, T) of what each
+        query may attend to; causality is always added. ``position_ids`` (B, T) or
+        (T,), default ``0..T-1``: for left-padded rows use
+        ``position_ids_from_mask(attention_mask)`` so every row starts at 0. Targets
+        of -100 (e.g. padding) are left out of the loss.
+        """
+        x = self._embed(idx, position_ids)
+        mask = expand_attention_mask(attention_mask)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, mask, position_ids)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits
@@ -263,15 +318,21 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+    def attention_maps(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention weights of every layer and head: (n_layer, B, n_head, T, T)."""
         was_training = self.training
         self.eval()
         try:
-            x = self._embed(idx)
+            x = self._embed(idx, position_ids)
+            mask = expand_attention_mask(attention_mask)
             maps = []
             for block in self.transformer.h:
-                x, weights = block(x, return_weights=True)
+                x, weights = block(x, mask, position_ids, return_weights=True)
                 maps.append(weights)
         finally:
             self.train(was_training)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.attention import (
-    CausalSelfAttention,
+    IMPLS,
     MultiHeadAttention,
     apply_rope,
     causal_attention,
@@ -116,10 +116,10 @@ def test_built_from_config():
         bias=False,
         pos_encoding="rope",
         attn_impl="explicit",
+        rope_base=10000.0,
     )
-    m = CausalSelfAttention(cfg)
+    m = MultiHeadAttention.from_config(cfg)
     assert m.rope and m.impl == "explicit" and m.c_attn.bias is None
-    assert isinstance(MultiHeadAttention.from_config(cfg), MultiHeadAttention)
     assert m(torch.randn(2, 8, 24)).shape == (2, 8, 24)
 
 
@@ -145,15 +145,102 @@ def test_bad_arguments():
         causal_attention(q, q, q, impl="fused", return_weights=True)
 
 
-def test_too_long_sequence_and_from_config_class():
-    from shared.attention import CausalSelfAttention
-    from shared.model import GPTConfig
-
-    cfg = GPTConfig(vocab_size=11, context_length=8, n_layer=1, n_head=2, n_embd=8)
-    attn = CausalSelfAttention.from_config(cfg)
-    assert type(attn) is CausalSelfAttention
+def test_too_long_sequence():
     for rope in (False, True):
         m = MultiHeadAttention(8, 2, context_length=8, rope=rope)
         m(torch.randn(1, 8, 8))  # exactly the context is fine
         with pytest.raises(ValueError, match="longer than context_length=8"):
             m(torch.randn(1, 10, 8))
+
+
+# ---------------------------------------------------------------- masks (padding etc.)
+
+
+def _qkv(b=2, h=3, t=6, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t, d, generator=g) for _ in range(3)]
+
+
+def _padding(lengths, t):
+    """(B, 1, 1, T) key mask for left-padded rows: True on the last ``n`` positions."""
+    keep = torch.arange(t)[None, :] >= (t - torch.tensor(lengths))[:, None]
+    return keep[:, None, None, :]
+
+
+@pytest.mark.parametrize("kind", ["padding", "random"])
+def test_masked_attention_explicit_equals_fused_equals_sdpa(kind):
+    q, k, v = _qkv()
+    if kind == "padding":
+        mask = _padding([6, 3], 6)
+    else:  # any boolean mask, per head
+        g = torch.Generator().manual_seed(1)
+        mask = torch.rand(2, 3, 6, 6, generator=g) > 0.3
+        mask[..., 0] = True  # every query may see at least the first key
+    reference = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask & ~causal_mask(6, 6)
+    )
+    explicit = causal_attention(q, k, v, attn_mask=mask, impl="explicit")
+    fused = causal_attention(q, k, v, attn_mask=mask, impl="fused")
+    torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_all_true_mask_is_plain_causal_attention():
+    q, k, v = _qkv()
+    full = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    for impl in IMPLS:
+        torch.testing.assert_close(
+            causal_attention(q, k, v, attn_mask=full, impl=impl),
+            causal_attention(q, k, v, impl=impl),
+        )
+
+
+def test_fully_masked_padding_rows_are_zero_not_nan():
+    q, k, v = _qkv()
+    mask = _padding([6, 2], 6)  # row 1: queries 0-3 are padding and see no key
+    for impl in IMPLS:
+        out = causal_attention(q, k, v, attn_mask=mask, impl=impl)
+        assert not out.isnan().any()
+        assert (out[1, :, :4] == 0).all()
+        # the real tokens attend only to real tokens: as if the padding were absent
+        alone = causal_attention(q[1:, :, 4:], k[1:, :, 4:], v[1:, :, 4:], impl=impl)
+        torch.testing.assert_close(out[1:, :, 4:], alone, atol=1e-5, rtol=1e-5)
+    _, w = causal_attention(
+        q, k, v, attn_mask=mask, impl="explicit", return_weights=True
+    )
+    assert not w.isnan().any() and (w[1, :, 4:, :4] == 0).all()
+    torch.testing.assert_close(w[1, :, 4:].sum(-1), torch.ones(3, 2))
+
+
+def test_masked_gradients_have_no_nan():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    mask = _padding([6, 2], 6)
+    for impl in IMPLS:
+        causal_attention(q, k, v, attn_mask=mask, impl=impl).sum().backward()
+        assert not any(t.grad.isnan().any() for t in (q, k, v))
+
+
+def test_mask_must_be_boolean():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="boolean"):
+        causal_attention(q, k, v, attn_mask=torch.ones(6, 6))
+
+
+def test_module_mask_and_rope_positions_for_left_padding():
+    # a left-padded row with shifted positions gives the same outputs as the
+    # unpadded row: the padding is invisible and RoPE sees positions 0..n-1
+    torch.manual_seed(0)
+    for impl in IMPLS:
+        m = MultiHeadAttention(32, 4, 16, rope=True, impl=impl).eval()
+        x = torch.randn(1, 5, 32)
+        padded = torch.cat([torch.randn(1, 3, 32), x], dim=1)
+        keep = torch.tensor([[False] * 3 + [True] * 5])
+        pos = (keep.long().cumsum(-1) - 1).clamp(min=0)
+        out = m(padded, attn_mask=keep[:, None, None, :], position_ids=pos)
+        torch.testing.assert_close(out[:, 3:], m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_position_ids_beyond_the_context_are_refused():
+    m = MultiHeadAttention(8, 2, context_length=8, rope=True)
+    with pytest.raises(ValueError, match=r"position ids must be in \[0, 8\)"):
+        m(torch.randn(1, 2, 8), position_ids=torch.tensor([7, 8]))

@@ -13,6 +13,7 @@ from shared.model import (
     RMSNorm,
     gpt2_config_from_state_dict,
     load_gpt2_weights,
+    position_ids_from_mask,
     sinusoidal_table,
 )
 
@@ -110,7 +111,7 @@ def test_shape_mismatch_is_a_clear_error(hf_model):
 
 def test_too_long_and_out_of_vocab_inputs_are_clear_errors():
     model = GPT(small_config())
-    with pytest.raises(ValueError, match="longer than the model's context_length=32"):
+    with pytest.raises(ValueError, match="longer than context_length=32"):
         model(torch.zeros(1, CTX + 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 101\)"):
         model(torch.tensor([[1, 2, VOCAB]]))
@@ -228,3 +229,116 @@ def test_bad_config_values():
         small_config(pos_encoding="alibi")
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(10, 8, 1, 3, 16)
+
+
+# ------------------------------------------------- attention masks and position ids
+
+
+def _left_padded(rows: list[torch.Tensor], pad_id: int = 0):
+    """Left-pad token rows to one batch: ids, attention mask (1 = real token)."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r) :], mask[i, t - len(r) :] = r, 1
+    return ids, mask
+
+
+ROWS = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n))
+        for n in (9, 4, 6)]  # fmt: skip
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope"])
+@pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
+def test_left_padded_batch_equals_each_row_alone(pos_encoding, attn_impl):
+    torch.manual_seed(0)
+    model = GPT(small_config(pos_encoding=pos_encoding, attn_impl=attn_impl)).eval()
+    ids, mask = _left_padded(ROWS)
+    with torch.no_grad():
+        batch = model(
+            ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+        )
+        assert not batch.isnan().any()
+        for i, row in enumerate(ROWS):
+            alone = model(row[None])
+            torch.testing.assert_close(
+                batch[i, -len(row) :], alone[0], atol=1e-5, rtol=1e-5
+            )
+
+
+def test_left_padded_batch_matches_huggingface(hf_model):
+    model = GPT.from_gpt2(hf_model.state_dict(), small_config()).eval()
+    ids, mask = _left_padded(ROWS)
+    pos = position_ids_from_mask(mask)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=pos)
+        theirs = hf_model(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()  # HF's padding rows are not defined to be anything
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+
+def test_boolean_mask_forms_agree():
+    torch.manual_seed(0)
+    model = GPT(small_config()).eval()
+    ids, mask = _left_padded(ROWS)
+    pos = position_ids_from_mask(mask)
+    t = ids.size(1)
+    square = mask.bool()[:, None, :].expand(-1, t, -1)  # (B, T, T)
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask, position_ids=pos)
+        b = model(ids, attention_mask=square, position_ids=pos)
+        c = model(ids, attention_mask=square[:, None], position_ids=pos)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(ids, attention_mask=mask[None, None, None])
+
+
+def test_position_ids_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_position_ids_shift_the_positions_and_are_checked():
+    torch.manual_seed(0)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, VOCAB, (1, 4))
+    with torch.no_grad():
+        default = model(idx)
+        same = model(idx, position_ids=torch.arange(4))
+        shifted = model(idx, position_ids=torch.arange(4) + 5)
+    torch.testing.assert_close(default, same, rtol=0, atol=0)
+    assert (default - shifted).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"position ids must be in \[0, 32\)"):
+        model(idx, position_ids=torch.arange(4) + CTX - 2)
+
+
+def test_input_checks_never_ask_an_accelerator_for_values():
+    # on the meta device every value read (.item(), bool()) raises: a forward pass
+    # that completes proves the checks stay on the device (no host sync per step)
+    with torch.device("meta"):
+        model = GPT(small_config())
+        idx = torch.zeros(2, 8, dtype=torch.long)
+        logits, loss = model(idx, idx, attention_mask=torch.ones(2, 8),
+                             position_ids=torch.arange(8))  # fmt: skip
+    assert logits.shape == (2, 8, VOCAB) and loss.shape == ()
+
+
+# ---------------------------------------------------------------- config fields
+
+
+def test_ffn_width_and_rope_base_are_configurable_defaults_unchanged():
+    assert parameter_counts(GPTConfig.gpt2("124M"))["total"] == 124_439_808
+    for ffn, default in (("gelu", 4 * EMBD), ("swiglu", 128)):
+        assert small_config(ffn=ffn).hidden_size == default
+        narrow = GPT(small_config(ffn=ffn, ffn_hidden=40))
+        assert narrow.transformer.h[0].mlp.c_proj.in_features == 40
+    torch.manual_seed(0)
+    a = GPT(small_config(pos_encoding="rope")).eval()
+    b = GPT(small_config(pos_encoding="rope", rope_base=100.0)).eval()
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        assert (a(idx) - b(idx)).abs().max() > 1e-4  # the base changes the rotation
+    with pytest.raises(ValueError, match="ffn_hidden"):
+        small_config(ffn_hidden=0)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from shared.evaluation import evaluate_split
 from shared.flops import parameter_counts
 from shared.generate import generate
 from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model, recipe
-from shared.train import evaluate_split
 
 shipped = pytest.mark.skipif(
     not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"

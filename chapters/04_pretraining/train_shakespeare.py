@@ -9,7 +9,9 @@ saves snapshots (samples, attention maps) during training, and ships the result 
 measured results. ``compute`` trains nanoGPT's char-level CPU model and a BPE model
 of the same shape for the same training compute (6 N D) with our loop. Results and
 training logs go to ``chapters/04_pretraining/results/`` (small JSON, read by the
-notebook). Checkpoints go to ``runs/`` (git-ignored): rerun the command to resume.
+notebook). Checkpoints go to ``runs/`` (git-ignored): rerun the command to resume
+(after Ctrl-C too); the samples and attention maps taken so far are kept in the run
+folder, so a resumed or repeated run ships all of them.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import load_file, save, save_file, save_model
 
-from shared.data import read_text
+from shared.data import atomic_write, read_text
 from shared.dataset import train_val_split
 from shared.device import describe_environment, get_device, seed_everything
-from shared.flops import flops_per_token
+from shared.evaluation import bits_per_char, evaluate_split
+from shared.flops import flops_per_token, peak_flops
 from shared.generate import generate
 from shared.model import GPT, GPTConfig
 from shared.pretrained import (
@@ -40,13 +43,7 @@ from shared.pretrained import (
     shakespeare_splits,
 )
 from shared.tokenizer import CharTokenizer, course_tokenizer
-from shared.train import (
-    TrainConfig,
-    bits_per_char,
-    evaluate_split,
-    peak_flops,
-    train,
-)
+from shared.train import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -93,7 +90,13 @@ def run_model(args: argparse.Namespace) -> None:
     keep = snapshot_steps(rec.train.max_steps)
     attn_ids = torch.tensor([tok.encode(ATTENTION_TEXT)], device=device)
     prompt_ids = torch.tensor([tok.encode(SAMPLE_PROMPT)], device=device)
+    ckpt = RUNS / name
+    resume = (ckpt / "latest").exists() and not args.fresh
+    snap_text, snap_maps = ckpt / "snapshots.json", ckpt / "snapshots.safetensors"
     samples, maps = {}, {}
+    if resume and snap_text.exists():
+        samples = json.loads(snap_text.read_text())
+        maps = load_file(str(snap_maps)) if snap_maps.exists() else {}
 
     def on_eval(step: int, m: torch.nn.Module, record: dict) -> None:
         if step not in keep:
@@ -104,19 +107,23 @@ def run_model(args: argparse.Namespace) -> None:
         maps[f"step_{step}"] = (
             m.attention_maps(attn_ids)[:, 0].half().cpu().contiguous()
         )
+        # kept beside the checkpoints, so a resumed run still ships every snapshot
+        with atomic_write(snap_maps) as f:
+            f.write(save(maps))
+        with atomic_write(snap_text, "w", encoding="utf-8") as f:
+            f.write(json.dumps(samples))
 
-    ckpt = RUNS / name
-    resume = (ckpt / "checkpoint.json").exists() and not args.fresh
     t0 = time.perf_counter()
     hist = train(
         model, train_ids, val_ids, rec.train, checkpoint_dir=ckpt, resume=resume,
-        on_eval=on_eval, progress=True,
+        allow_config_change=args.allow_config_change, on_eval=on_eval, progress=True,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     val_nats = evaluate_split(model, val_ids, batch_size=32)
     tokens = rec.train.max_steps * rec.train.tokens_per_step(rec.model.context_length)
-    tps = [r["tokens_per_s"] for r in hist["train"] if "tokens_per_s" in r]
-    tps_median = sorted(tps)[len(tps) // 2]
+    # tokens_per_s is logged every log_interval steps and at the last step
+    tps = sorted(r["tokens_per_s"] for r in hist["train"] if "tokens_per_s" in r)
+    tps_median = tps[len(tps) // 2]
     peak, peak_src = peak_flops(device)
     results = {
         "val_loss_nats_per_token": val_nats,
@@ -250,6 +257,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override max_steps")
     ap.add_argument("--out", default=None, help="where to ship the model")
     ap.add_argument("--fresh", action="store_true", help="ignore an old checkpoint")
+    ap.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the training settings (e.g. --steps) changed",
+    )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
