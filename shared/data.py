@@ -12,6 +12,7 @@ A file whose SHA-256 does not match is never kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -157,20 +158,27 @@ def _copy_atomic(src: Path, dest: Path) -> None:
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[IO]:
     """Write to a temporary file beside ``path``; move it into place only on success.
 
-    Readers never see a half-written file, and an exception leaves no file behind.
-    ``mode`` and ``kwargs`` go to ``open`` (e.g. ``"w", encoding="utf-8"``).
+    Readers never see a half-written file, and an exception leaves nothing behind:
+    no file, and no folder that this call created. ``mode`` and ``kwargs`` go to
+    ``open`` (e.g. ``"w", encoding="utf-8"``).
     """
     path = Path(path)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+    done = False
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary files
         os.replace(tmp, path)
+        done = True
     finally:
-        if os.path.exists(tmp):
+        if not done:
             os.unlink(tmp)
+            for folder in created:  # deepest first; rmdir only removes empty ones
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _offline_message(

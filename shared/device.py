@@ -9,24 +9,50 @@ import random
 import numpy as np
 import torch
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 
 def get_device(prefer: str | None = None) -> torch.device:
     """Best available device: CUDA, then Apple MPS, then CPU.
 
-    ``prefer`` (or the ``BOOK_DEVICE`` environment variable) forces one, e.g. ``"cpu"``.
+    ``prefer`` (or the ``BOOK_DEVICE`` environment variable) forces one: ``cpu``,
+    ``cuda``, ``cuda:N`` or ``mps``.
     """
+    source = "device" if prefer else "BOOK_DEVICE"
     choice = (prefer or os.environ.get("BOOK_DEVICE", "")).strip().lower()
-    if choice:
-        if choice.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device {choice!r} requested but CUDA is not available")
-        if choice == "mps" and not _mps_available():
-            raise RuntimeError("device 'mps' requested but Apple MPS is not available")
-        return torch.device(choice)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if _mps_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if not choice:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ValueError(
+            f"{source}={choice!r} is not a device; use one of "
+            f"{', '.join(DEVICE_TYPES)} (or cuda:N)"
+        )
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": _mps_available(),
+    }
+    if not available[device.type]:
+        usable = [t for t in DEVICE_TYPES if available[t]]
+        raise RuntimeError(
+            f"{source}={choice!r}, but {device.type.upper()} is not available on "
+            f"this machine; available: {', '.join(usable)}"
+        )
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"{source}={choice!r}, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
 
 
 def _mps_available() -> bool:

@@ -25,6 +25,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the fewest most likely tokens whose probabilities sum to >= ``p``."""
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p == 1.0:  # the whole distribution; cumsum rounding must not drop the tail
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     # drop a token when those before it already reach p; the first always stays
@@ -89,19 +91,21 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
-    use_cache: bool = False,
 ) -> torch.Tensor:
     """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + n).
 
     ``temperature=0`` is greedy decoding. With ``eos_id`` a sequence stops after
     emitting it; in a batch, finished rows are padded with ``eos_id`` until all are
-    done. ``use_cache`` is reserved for the KV cache (chapter 9). The model runs in eval
-    mode (no dropout) and its previous mode is restored afterwards.
+    done. The model runs in eval mode (no dropout) and its previous mode is restored
+    afterwards.
     """
-    if use_cache:
-        raise NotImplementedError("the KV cache is built in chapter 09 (inference)")
     if idx.dim() == 1:
         raise ValueError("idx must be (batch, time); use idx[None] for one sequence")
+    if idx.size(1) == 0:
+        raise ValueError(
+            "the prompt is empty: give at least one token to continue from, e.g. "
+            "the tokenizer's <|endoftext|> id to start a new text"
+        )
     was_training = model.training
     model.eval()
     try:

@@ -69,8 +69,7 @@ def test_corrupt_download_is_not_kept(sandbox):
     (tmp_path / "origin" / "hamlet.txt").write_bytes(b"something else")
     with pytest.raises(ChecksumError, match="discarded"):
         fetch("hamlet-test")
-    cache = tmp_path / "cache" / "hamlet"
-    assert not any(cache.iterdir()), "no partial or corrupt file may remain"
+    assert not (tmp_path / "cache").exists(), "no partial file nor its folder remain"
 
 
 def test_corrupt_cached_file_is_replaced(sandbox):
@@ -93,6 +92,7 @@ def test_offline_without_mirror_says_where_to_put_the_file(sandbox):
             fetch("offline-test", timeout=2)
         message = str(info.value)
         assert str(tmp_path / "cache" / "o" / "none.txt") in message
+        assert not (tmp_path / "cache").exists(), "the failed download left folders"
         assert "BOOK_DATA_MIRROR" in message and PAYLOAD_SHA in message
     finally:
         REGISTRY.pop("offline-test", None)
@@ -134,3 +134,7 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
         raise RuntimeError("interrupted")
     assert target.read_text() == "first"  # the old file is untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
+    deep = tmp_path / "a" / "b" / "file.txt"
+    with pytest.raises(RuntimeError), atomic_write(deep) as f:
+        raise RuntimeError("interrupted")
+    assert not (tmp_path / "a").exists()  # the folders it made are gone too

@@ -22,9 +22,19 @@ def test_forced_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
-def test_unavailable_cuda_is_an_error():
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+def test_unavailable_cuda_is_an_error(monkeypatch):
+    with pytest.raises(RuntimeError, match="CUDA is not available.*available: cpu"):
         get_device("cuda")
+    monkeypatch.setenv("BOOK_DEVICE", "cuda:1")
+    with pytest.raises(RuntimeError, match="BOOK_DEVICE='cuda:1'"):
+        get_device()
+
+
+@pytest.mark.parametrize("bad", ["gpu", "tpu", "cuda:x", "cpu0"])
+def test_bad_book_device_names_the_variable_and_the_choices(monkeypatch, bad):
+    monkeypatch.setenv("BOOK_DEVICE", bad)
+    with pytest.raises(ValueError, match=r"BOOK_DEVICE=.*use one of cpu, cuda, mps"):
+        get_device()
 
 
 def test_seed_everything_repeats_all_generators():

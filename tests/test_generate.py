@@ -123,5 +123,14 @@ def test_restores_training_mode_and_rejects_bad_input(model):
         generate(model, torch.zeros(3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="top_p"):
         top_p_filter(torch.zeros(1, 3), 0.0)
-    with pytest.raises(NotImplementedError):
-        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, use_cache=True)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 2)
+
+
+def test_top_p_one_keeps_every_token_of_a_large_vocabulary():
+    # 50,257 logits: the cumulative sum rounds, so "mass before >= 1.0" used to drop
+    # tokens in the tail; p = 1.0 must mean the whole distribution
+    logits = torch.randn(4, 50257, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+    probs = next_token_distribution(logits, top_p=1.0)
+    torch.testing.assert_close(probs, torch.softmax(logits, -1))
