@@ -3,8 +3,8 @@
 A checkpoint directory holds one folder per saved step and a pointer to the newest::
 
     runs/my_run/
-      latest                    "step-000120-3fa2c1": the folder to resume from
-      step-000120-3fa2c1/
+      latest                    "step-000120": the folder to resume from
+      step-000120/
         model.safetensors       the weights
         state.pt                optimizer, RNG and sampler states (tensors only)
         checkpoint.json         step, configs, data position, training history
@@ -18,10 +18,10 @@ half-written is ever loaded.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pickle
-import secrets
 import shutil
 from pathlib import Path
 
@@ -105,7 +105,11 @@ def save_checkpoint(
     """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}-{secrets.token_hex(3)}"
+    name = f"step-{step:06d}"
+    for n in itertools.count(1):  # the same step saved twice: step-000120-1, ...
+        if not (root / name).exists():
+            break
+        name = f"step-{step:06d}-{n}"
     tmp = root / f".tmp-{name}"
     state = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
