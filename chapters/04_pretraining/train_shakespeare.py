@@ -32,7 +32,7 @@ from shared.data import atomic_write, read_text
 from shared.dataset import train_val_split
 from shared.device import describe_environment, get_device, seed_everything
 from shared.evaluation import bits_per_char, evaluate_split
-from shared.flops import flops_per_token, peak_flops
+from shared.flops import flops_per_token, mfu, peak_flops
 from shared.generate import generate
 from shared.model import GPT, GPTConfig
 from shared.pretrained import (
@@ -143,7 +143,7 @@ def run_model(args: argparse.Namespace) -> None:
         "tokens_per_s_median": tps_median,
         "peak_flops": peak,
         "peak_flops_source": peak_src,
-        "mfu": tps_median * fpt["total"] / peak,
+        "mfu": mfu(tps_median, fpt["total"], peak),
         "torch_threads": torch.get_num_threads(),
         "machine": machine(),
     }
