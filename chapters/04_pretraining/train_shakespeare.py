@@ -90,7 +90,7 @@ def run_model(args: argparse.Namespace) -> None:
     keep = snapshot_steps(rec.train.max_steps)
     attn_ids = torch.tensor([tok.encode(ATTENTION_TEXT)], device=device)
     prompt_ids = torch.tensor([tok.encode(SAMPLE_PROMPT)], device=device)
-    ckpt = RUNS / name
+    ckpt = Path(args.runs) / name
     resume = (ckpt / "latest").exists() and not args.fresh
     snap_text, snap_maps = ckpt / "snapshots.json", ckpt / "snapshots.safetensors"
     samples, maps = {}, {}
@@ -165,11 +165,12 @@ def run_model(args: argparse.Namespace) -> None:
         "nanogpt_cpu_baseline": NANOGPT_CPU,
     }
     (out / "config.json").write_text(json.dumps(info, indent=1) + "\n")
-    RESULTS.mkdir(exist_ok=True)
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
     log = {"history": hist, "samples": samples, "snapshot_steps": keep}
     log["attention_tokens"] = tok.tokens(attn_ids[0].tolist())
-    (RESULTS / f"{name}_run.json").write_text(json.dumps(log) + "\n")
-    save_file(maps, str(RESULTS / f"{name}_attention.safetensors"))
+    (results_dir / f"{name}_run.json").write_text(json.dumps(log) + "\n")
+    save_file(maps, str(results_dir / f"{name}_attention.safetensors"))
     print(f"shipped to {out}")
 
 
@@ -246,12 +247,13 @@ def run_compute(args: argparse.Namespace) -> None:
             f"in {r['train_wall_s']:.0f} s"
         )
         runs.append(r)
-    RESULTS.mkdir(exist_ok=True)
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
     out = {"budget_flops_6ND": compute_budget(), "runs": runs, "machine": machine()}
-    (RESULTS / "equal_compute.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results_dir / "equal_compute.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["laptop", "gpu", "compute"])
     ap.add_argument("--steps", type=int, default=None, help="override max_steps")
@@ -263,7 +265,9 @@ def main() -> None:
         help="resume although the training settings (e.g. --steps) changed",
     )
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--results", default=str(RESULTS), help="where the logs go")
+    ap.add_argument("--runs", default=str(RUNS), help="where the checkpoints go")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     (run_compute if args.what == "compute" else run_model)(args)
