@@ -65,3 +65,23 @@ def test_reported_bits_per_char_roughly_recomputed():
     bpc = nats * n / chars / math.log(2)
     assert bpc == pytest.approx(info["results"]["val_bits_per_char"], abs=0.25)
     assert info["results"]["val_bits_per_char"] < 2.72  # nanoGPT's CPU baseline
+
+
+@shipped
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_shipped_weights_name_the_file_and_the_remedy(tmp_path, damage):
+    import shutil
+
+    from shared.checkpoint import CheckpointError
+
+    copy = tmp_path / "model"
+    shutil.copytree(LAPTOP_MODEL_DIR, copy)
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"x" * 100)
+    with pytest.raises(CheckpointError) as info:
+        load_course_model("cpu", path=copy)
+    assert str(weights) in str(info.value)
+    assert "git checkout" in str(info.value) and "train_shakespeare.py" in str(
+        info.value
+    )
