@@ -8,7 +8,7 @@
 #
 # Needs xelatex (TeX Live), pandoc and poppler-utils; see the README. The LaTeX source is
 # kept next to the PDF (build/book/llm-from-scratch.tex) for debugging. The build logic is
-# in shared/book.py (python -m shared.book --help).
+# in tools/book/ (python -m tools.book --help): build tooling, not part of shared/.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,4 +20,4 @@ if [[ -z "$python" ]]; then
         python=$(command -v python3 || command -v python)
     fi
 fi
-exec "$python" -m shared.book "$@"
+exec "$python" -m tools.book "$@"

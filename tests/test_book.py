@@ -1,4 +1,4 @@
-"""Tests of the PDF book build (shared/book.py).
+"""Tests of the PDF book build (tools/book/).
 
 Fast tests check the print preparation of notebooks without TeX; one test builds the
 whole book from the committed chapter notebooks when xelatex and pandoc are installed.
@@ -16,7 +16,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from shared import book
+from tools import book
 
 FAKE_PDF = b"%PDF-1.4 fake figure"
 FAKE_PNG = b"\x89PNG fake figure"

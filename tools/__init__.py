@@ -1,0 +1,1 @@
+"""Build tooling of the repository (not part of the course's ``shared`` layers)."""
