@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
+import requests
 import tiktoken
+import tiktoken.load
+import tiktoken.registry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.data import read_text
+from shared.data import DataUnavailableError, read_text
 from shared.tokenizer import (
     ENDOFTEXT,
     GPT2_PATTERN,
     BPETokenizer,
     CharTokenizer,
     TokenizerFileError,
-    _desc_key,
     course_tokenizer,
     course_training_text,
     from_readable,
@@ -25,6 +30,8 @@ from shared.tokenizer import (
     naive_train,
     readable,
 )
+from shared.tokenizer.gpt2 import GPT2_FILES, _tiktoken_cache_dir, gpt2_encoding
+from shared.tokenizer.trainer import _desc_key
 
 HARD_STRINGS = [
     "",
@@ -119,6 +126,32 @@ def test_gpt2_special_token_matches_tiktoken(gpt2, enc):
         enc.encode(text)
     with pytest.raises(ValueError, match="special token"):
         gpt2.encode(text)
+
+
+def test_gpt2_offline_names_the_missing_files(tmp_path, monkeypatch):
+    cached = Path(_tiktoken_cache_dir())  # where this machine keeps GPT-2's files
+    key = {
+        name: hashlib.sha1(url.encode()).hexdigest() for name, url in GPT2_FILES.items()
+    }
+    shutil.copy(cached / key["vocab.bpe"], tmp_path)  # one of the two files
+
+    def offline(url: str) -> bytes:
+        raise requests.exceptions.ConnectionError(f"no network for {url}")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget the loaded one
+    with pytest.raises(DataUnavailableError) as info:
+        gpt2_tokenizer()
+    message = str(info.value)
+    assert f"encoder.json: missing as {tmp_path / key['encoder.json']}" in message
+    assert f"vocab.bpe: present as {tmp_path / key['vocab.bpe']}" in message
+    assert f"looked for them in {tmp_path}" in message
+    assert "Set TIKTOKEN_CACHE_DIR to a folder that holds these files" in message
+    assert isinstance(info.value.__cause__, requests.exceptions.ConnectionError)
+    (tmp_path / key["vocab.bpe"]).unlink()
+    with pytest.raises(DataUnavailableError, match="vocab.bpe: missing"):
+        gpt2_encoding()
 
 
 _PAIR: list = []
@@ -409,6 +442,14 @@ def test_char_tokenizer(tmp_path, corpus):
     (tmp_path / "x.json").write_text('{"format": "llm-course-bpe-tokenizer"}')
     with pytest.raises(TokenizerFileError):
         CharTokenizer.load(tmp_path / "x.json")
+
+
+def test_char_decode_rejects_ids_outside_the_vocabulary(corpus):
+    tok = CharTokenizer(corpus)
+    assert tok.decode([0, 64]) == "\nz"
+    for ids in ([-1], [65], [3, 4, -3], [1.0], ["a"]):  # -1 once decoded as "z"
+        with pytest.raises(ValueError, match=r"ids must be in 0\.\.64"):
+            tok.decode(ids)
 
 
 def test_fingerprint_tells_tokenizers_apart(small):
