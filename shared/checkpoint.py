@@ -147,17 +147,17 @@ def save_checkpoint(
 
 
 def checkpoint_folder(path: str | Path) -> Path:
-    """The folder ``latest`` points to (or ``path`` itself if it is a step folder)."""
+    """The folder ``path/latest`` names; ``path`` itself if it is one step's folder."""
     path = Path(path)
-    if (path / "checkpoint.json").exists():
-        return path
     pointer = path / LATEST
-    if not pointer.exists():
-        raise FileNotFoundError(f"no checkpoint in {path} ({LATEST} is missing)")
-    folder = path / pointer.read_text(encoding="utf-8").strip()
-    if not (folder / "checkpoint.json").exists():
-        raise CheckpointError(f"{pointer} names {folder.name}, which is incomplete")
-    return folder
+    if pointer.exists():
+        folder = path / pointer.read_text(encoding="utf-8").strip()
+        if not (folder / "checkpoint.json").exists():
+            raise CheckpointError(f"{pointer} names {folder.name}, which is incomplete")
+        return folder
+    if (path / "checkpoint.json").exists():  # e.g. runs/x/step-000120 given directly
+        return path
+    raise FileNotFoundError(f"no checkpoint in {path} ({LATEST} is missing)")
 
 
 def load_checkpoint(

@@ -146,6 +146,20 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", before.name]
 
 
+def test_latest_wins_over_stray_files_and_a_step_folder_loads_directly(tmp_path):
+    old, new = make_model(seed=1), make_model(seed=2)
+    stray = save_checkpoint(tmp_path / "elsewhere", old, None, 7)
+    for f in stray.iterdir():  # files of some older checkpoint lying in the root
+        f.rename(tmp_path / f.name)
+    folder = save_checkpoint(tmp_path, new, None, 9)
+    assert load_checkpoint(tmp_path, make_model())["step"] == 9
+    assert load_checkpoint(folder, make_model())["step"] == 9
+    with pytest.raises(CheckpointError, match="names step-000007, which is incomplete"):
+        load_checkpoint(tmp_path / "elsewhere", make_model())  # its files moved away
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nothing", make_model())
+
+
 def test_only_the_latest_checkpoint_is_kept(tmp_path):
     model = make_model()
     for step in (1, 2, 3):
