@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from shared.attention import IMPLS, MultiHeadAttention, check_in_range, check_positions
 
@@ -237,6 +238,7 @@ class GPT(nn.Module):
             table = sinusoidal_table(config.context_length, config.n_embd)
             self.register_buffer("pos_table", table, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.checkpoint_blocks = 0  # see set_activation_checkpointing (chapter 5)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -307,8 +309,13 @@ class GPT(nn.Module):
         """
         x = self._embed(idx, position_ids)
         mask = expand_attention_mask(attention_mask)
-        for block in self.transformer.h:
-            x = block(x, mask, position_ids)
+        recompute = self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.transformer.h):
+            if recompute and i < self.checkpoint_blocks:
+                # keep only the block's input; backward runs the block again
+                x = checkpoint(block, x, mask, position_ids, use_reentrant=False)
+            else:
+                x = block(x, mask, position_ids)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits
@@ -316,6 +323,15 @@ class GPT(nn.Module):
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
         )
         return logits, loss
+
+    def set_activation_checkpointing(self, n_blocks: int | bool = True) -> GPT:
+        """Recompute the first ``n_blocks`` blocks in backward instead of storing their
+        activations (``True``: all of them); returns the model."""
+        n = self.config.n_layer if n_blocks is True else int(n_blocks)
+        if not 0 <= n <= self.config.n_layer:
+            raise ValueError(f"n_blocks must be in 0..{self.config.n_layer}, got {n}")
+        self.checkpoint_blocks = n
+        return self
 
     @torch.no_grad()
     def attention_maps(

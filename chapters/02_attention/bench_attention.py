@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+
+from shared.memory import peak_memory_bytes
 
 BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
@@ -71,53 +69,6 @@ def score_tensor_bytes(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence the profiler backend's start/stop lines, written straight to fd 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated while ``fn()`` runs, above what was allocated before.
-
-    CUDA has an allocator counter for this. On CPU we replay the allocation and free
-    events that ``torch.profiler`` records (``profile_memory=True``) in time order.
-    If that event list is not available in this PyTorch version, we fall back to the
-    sum of all allocations, an upper bound on the peak.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with (
-        _quiet_stderr(),
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-    ):
-        fn()
-    try:
-        events = [
-            e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-        ]
-        current = peak = 0
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            current += e.nbytes()
-            peak = max(peak, current)
-        return peak
-    except AttributeError:  # internal API moved: report total allocation instead
-        return sum(max(0, e.self_cpu_memory_usage) for e in prof.key_averages())
 
 
 def median_seconds(
