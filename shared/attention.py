@@ -33,10 +33,11 @@ def check_in_range(values: torch.Tensor, high: int, what: str, hint: str = "") -
 
     On an accelerator the check runs on the device (``torch._assert_async``): asking
     the host for a min and a max would stall every forward pass until the device
-    catches up. On the CPU there is nothing to wait for, and the error can say more.
+    catches up (a compiled graph, too, keeps the check inside instead of breaking
+    there). On the CPU there is nothing to wait for, and the error can say more.
     """
     ok = ((values >= 0) & (values < high)).all()
-    if values.device.type != "cpu":
+    if values.device.type != "cpu" or torch.compiler.is_compiling():
         torch._assert_async(ok, f"{what} must be in [0, {high}){hint}")
     elif values.numel() and not bool(ok):
         raise ValueError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -195,8 +196,19 @@ def _bytes_of(dtype: torch.dtype) -> int:
 
 def parameter_tensors(config: GPTConfig) -> tuple[int, int]:
     """(parameters, parameter tensors) of ``GPT(config)``, counted on ``meta``."""
-    params = list(_meta_model(config).parameters())  # tied weights listed once
-    return sum(p.numel() for p in params), len(params)
+    n_params, n_tensors, _ = _counts(*dataclasses.astuple(config))
+    return n_params, n_tensors
+
+
+@functools.lru_cache(maxsize=256)
+def _counts(*fields) -> tuple[int, int, int]:
+    """Parameters, parameter tensors, and one block's matrix elements, for a config
+    given as its field values (a tuple can be cached, the dataclass cannot)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(*fields))
+    params = list(model.parameters())  # tied weights are listed once
+    block = sum(p.numel() for p in model.transformer.h[0].parameters() if p.dim() == 2)
+    return sum(p.numel() for p in params), len(params), block
 
 
 def block_activation_bytes(
@@ -265,12 +277,7 @@ def estimate_activation_bytes(
     if config.pos_encoding == "rope":
         block_constants += 8 * t * (c // config.n_head)  # the cos / sin tables
     if a != FP32:  # autocast keeps a low-precision copy of every matmul weight
-        n_matmul = sum(
-            p.numel()
-            for name, p in _meta_model(config).named_parameters()
-            if name.startswith("transformer.h.0.") and p.dim() == 2
-        )
-        block_constants += n_matmul * a
+        block_constants += _counts(*dataclasses.astuple(config))[2] * a
     blocks = (config.n_layer - n_ckpt) * (per_block * tokens + block_constants)
     blocks += n_ckpt * c * FP32 * tokens  # checkpointed blocks keep their input
     # after the blocks: the final norm, the head's input, fp32 log-probabilities, the
@@ -287,11 +294,6 @@ def estimate_activation_bytes(
     if a != FP32:
         head += v * c * a  # the head's weight, cast
     return blocks + head
-
-
-def _meta_model(config: GPTConfig) -> GPT:
-    with torch.device("meta"):
-        return GPT(config)
 
 
 def estimate_training_memory(

@@ -44,6 +44,7 @@ class TrainConfig:
     eval_batch_size: int | None = None  # None: same as batch_size
     log_interval: int = 10
     dtype: str = "float32"  # "bfloat16": autocast the forward pass to bf16
+    compile: bool = False  # torch.compile the model: pays off on GPUs, rarely on CPUs
     seed: int = 1337
 
     def tokens_per_step(self, context_length: int) -> int:
@@ -194,6 +195,7 @@ def train(
             on_eval(step, model, rec)
         history["eval"].append(rec)  # last: an interrupted evaluation is redone
 
+    forward = torch.compile(model) if cfg.compile else model  # same parameters
     model.train()
     bar = tqdm(
         total=cfg.max_steps, initial=step, disable=not progress, mininterval=2.0,
@@ -222,7 +224,7 @@ def train(
             for _ in range(cfg.grad_accum_steps):
                 x, y = sampler.next()
                 with autocast(device, cfg.dtype):
-                    _, loss = model(x.to(device), y.to(device))
+                    _, loss = forward(x.to(device), y.to(device))
                 (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.item()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf

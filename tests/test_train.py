@@ -162,3 +162,18 @@ def test_evaluate_split_and_bits_per_char():
     assert full == pytest.approx(ref, rel=1e-5)
     # 1 nat/token at 2 chars/token is 0.5 nats/char = 0.7213 bits/char
     assert bits_per_char(1.0, 100, 200) == pytest.approx(0.5 / math.log(2))
+
+
+@pytest.mark.slow
+def test_compile_switch_trains_like_the_eager_loop():
+    # torch.compile generates other kernels, so the losses agree to rounding only
+    from shared.model import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=2, n_embd=16)
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        run = make_cfg(max_steps=3, compile=compiled)
+        hist = train(GPT(cfg), make_data(), make_data(seed=1), run, progress=False)
+        losses[compiled] = [r["loss"] for r in hist["train"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
