@@ -249,6 +249,22 @@ def block_activation_bytes(
     return out
 
 
+def block_bytes(
+    config: GPTConfig, batch_size: int, seq_len: int, dtype=torch.float32
+) -> int:
+    """Bytes one block saves for a batch: per-token activations and its constants."""
+    t, a = seq_len, _bytes_of(dtype)
+    per_token = sum(block_activation_bytes(config, seq_len, dtype).values())
+    constants = 0
+    if config.attn_impl == "explicit":
+        constants += t * t  # the boolean causal mask
+    if config.pos_encoding == "rope":
+        constants += 8 * t * (config.n_embd // config.n_head)  # cos / sin tables
+    if a != FP32:  # autocast keeps a low-precision copy of every matmul weight
+        constants += _counts(*dataclasses.astuple(config))[2] * a
+    return per_token * batch_size * seq_len + constants
+
+
 def estimate_activation_bytes(
     config: GPTConfig,
     batch_size: int,
@@ -270,15 +286,8 @@ def estimate_activation_bytes(
         else int(activation_checkpointing)
     )
     a = _bytes_of(dtype)
-    per_block = sum(block_activation_bytes(config, seq_len, dtype).values())
-    block_constants = 0
-    if config.attn_impl == "explicit":
-        block_constants += t * t  # the boolean causal mask
-    if config.pos_encoding == "rope":
-        block_constants += 8 * t * (c // config.n_head)  # the cos / sin tables
-    if a != FP32:  # autocast keeps a low-precision copy of every matmul weight
-        block_constants += _counts(*dataclasses.astuple(config))[2] * a
-    blocks = (config.n_layer - n_ckpt) * (per_block * tokens + block_constants)
+    one_block = block_bytes(config, batch_size, seq_len, dtype)
+    blocks = (config.n_layer - n_ckpt) * one_block
     blocks += n_ckpt * c * FP32 * tokens  # checkpointed blocks keep their input
     # after the blocks: the final norm, the head's input, fp32 log-probabilities, the
     # token ids and targets (int64), the position ids, the embedding dropout mask
@@ -304,13 +313,15 @@ def estimate_training_memory(
     dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool | int = False,
 ) -> dict[str, int]:
-    """Bytes of ``params``, ``grads``, ``optimizer`` (AdamW) and ``activations`` of
-    one training step of ``GPT(config)``, and their ``total``.
+    """Bytes of ``params``, ``grads``, ``optimizer`` (AdamW), ``activations`` and
+    ``recompute`` of one training step of ``GPT(config)``, and their ``total``.
 
     Weights, gradients and AdamW's two moments are fp32 (with ``dtype=bfloat16`` the
     forward pass runs under autocast: mixed precision with fp32 master weights), so
-    they take 4 + 4 + 8 = 16 bytes per parameter. Activations come from
-    :func:`estimate_activation_bytes`.
+    they take 4 + 4 + 8 = 16 bytes per parameter. ``activations`` is what autograd
+    saves in the forward pass (:func:`estimate_activation_bytes`); with activation
+    checkpointing, the backward pass rebuilds one block's activations at a time, and
+    ``recompute`` counts that block, alive on top of the saved tensors.
     """
     n_params, n_tensors = parameter_tensors(config)
     out = {
@@ -320,6 +331,11 @@ def estimate_training_memory(
         "activations": estimate_activation_bytes(
             config, batch_size, seq_len, dtype=dtype,
             activation_checkpointing=activation_checkpointing,
+        ),
+        "recompute": (
+            block_bytes(config, batch_size, seq_len, dtype)
+            if activation_checkpointing
+            else 0
         ),
     }  # fmt: skip
     out["total"] = sum(out.values())
