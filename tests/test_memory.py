@@ -57,9 +57,9 @@ def test_estimate_equals_measurement(kw, dtype, ckpt):
     for key in ("params", "grads", "optimizer"):
         assert estimate[key] == measured.as_dict()[key], key
     assert estimate["activations"] == pytest.approx(measured.activations, rel=0.10)
-    assert estimate["total"] == sum(
-        estimate[k] for k in measured.as_dict() if k != "total"
-    )
+    assert estimate["total"] == sum(v for k, v in estimate.items() if k != "total")
+    # checkpointing: the backward pass rebuilds one block at a time on top of these
+    assert (estimate["recompute"] > 0) == ckpt
 
 
 def test_sixteen_bytes_per_parameter_for_fp32_adamw():
