@@ -216,7 +216,7 @@ class MultiHeadAttention(nn.Module):
         (B, n_head, T, T), combined with the causal mask. ``position_ids`` place the
         tokens for RoPE (default ``0..T-1``).
         """
-        b, t, c = x.shape
+        b, t, _ = x.shape
         check_positions(t, self.context_length)
         if self.rope and position_ids is not None:  # they index the rotation tables
             check_positions(position_ids, self.context_length)
@@ -235,6 +235,7 @@ class MultiHeadAttention(nn.Module):
             return_weights=return_weights,
         )  # fmt: skip
         out, weights = result if return_weights else (result, None)
-        out = out.transpose(1, 2).contiguous().view(b, t, c)  # concatenate the heads
+        # concatenate the heads (n_embd: this rank's share under tensor parallelism)
+        out = out.transpose(1, 2).contiguous().view(b, t, self.n_embd)
         out = self.resid_dropout(self.c_proj(out))
         return (out, weights) if return_weights else out

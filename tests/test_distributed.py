@@ -1,0 +1,172 @@
+"""shared.distributed in one process: the tensor-parallel split is exact, pipeline
+stages chain to the whole model, collectives are counted, formulas and the launcher.
+
+The multi-process checks (every strategy equal to one process) are in
+``chapters/06_distributed_training/test_train_distributed.py``.
+"""
+
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from shared import distributed as D
+from shared.model import GPT, GPTConfig
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, context_length=16, n_layer=3, n_head=4, n_embd=32)
+    return GPT(GPTConfig(**(cfg | kw))).double().eval()
+
+
+def test_qkv_rows_give_each_rank_its_own_heads():
+    order = D.qkv_rows_by_rank(n_embd=8, n_head=4, tp=2)
+    assert sorted(order.tolist()) == list(range(24))  # a permutation of 3 * 8 rows
+    # rank 0's chunk: q, k, v rows of heads 0-1 (rows 0-3 of each 8-row block)
+    assert order[:12].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
+    with pytest.raises(ValueError, match="divisible"):
+        D.qkv_rows_by_rank(n_embd=12, n_head=3, tp=2)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_tensor_parallel_split_sums_to_the_full_block(tp, pos):
+    """Megatron's split, simulated: each rank's column slice of c_attn/c_fc and row
+    slice of c_proj, run with its local head count; the partial outputs add up."""
+    model = tiny(pos_encoding=pos)
+    block = model.transformer.h[0]
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    full_attn, full_mlp = block.attn(x), block.mlp(x)
+
+    D.permute_qkv(model, tp)
+    attn, mlp = block.attn, block.mlp
+    w_qkv, b_qkv = attn.c_attn.weight.chunk(tp), attn.c_attn.bias.chunk(tp)
+    w_o = attn.c_proj.weight.chunk(tp, dim=1)
+    partial_attn = torch.zeros_like(x)
+    hd = attn.head_dim
+    for r in range(tp):
+        q, k, v = F.linear(x, w_qkv[r], b_qkv[r]).split(32 // tp, dim=2)
+        q, k, v = (z.view(2, 16, 4 // tp, hd).transpose(1, 2) for z in (q, k, v))
+        partial_attn += F.linear(_heads(attn, q, k, v), w_o[r])
+    torch.testing.assert_close(partial_attn + attn.c_proj.bias, full_attn)
+    w_fc, b_fc = mlp.c_fc.weight.chunk(tp), mlp.c_fc.bias.chunk(tp)
+    w_p = mlp.c_proj.weight.chunk(tp, dim=1)
+    partial_mlp = sum(
+        F.linear(mlp.gelu(F.linear(x, w_fc[r], b_fc[r])), w_p[r]) for r in range(tp)
+    )
+    torch.testing.assert_close(partial_mlp + mlp.c_proj.bias, full_mlp)
+    D.permute_qkv(model, tp, inverse=True)
+    torch.testing.assert_close(block.attn(x), full_attn)  # the order is restored
+
+
+def _heads(attn, q, k, v):
+    from shared.attention import apply_rope, causal_attention
+
+    if attn.rope:
+        q = apply_rope(q, attn.rope_cos, attn.rope_sin)
+        k = apply_rope(k, attn.rope_cos, attn.rope_sin)
+    out = causal_attention(q, k, v)
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
+def test_pipeline_stages_chain_to_the_whole_model(stages, pos):
+    model = tiny(pos_encoding=pos)
+    idx = torch.randint(0, 50, (2, 16))
+    x = idx
+    parts = [D.GPTStage(model, a, b) for a, b in D.split_layers(3, stages)]
+    for part in parts:
+        x = part(x)
+    torch.testing.assert_close(x, model(idx))
+    names = [n for part in parts for n, _ in part.named_parameters()]
+    assert sorted(names) == sorted(model.state_dict())  # GPT names, head copy included
+    assert parts[-1].lm_head.weight is not model.lm_head.weight  # its own copy
+
+
+def test_split_layers_is_balanced_and_checked():
+    assert D.split_layers(4, 2) == [(0, 2), (2, 4)]
+    assert D.split_layers(5, 3) == [(0, 2), (2, 3), (3, 5)]
+    with pytest.raises(ValueError):
+        D.split_layers(2, 3)
+
+
+def test_ring_formulas():
+    assert D.RING_FACTOR["all_reduce"](2) == 1.0
+    assert D.RING_FACTOR["all_reduce"](8) == pytest.approx(1.75)
+    assert D.bytes_per_step("ddp", 1000, 2) == 1000
+    assert D.bytes_per_step("zero2", 1000, 4) == pytest.approx(1500)
+    assert D.bytes_per_step("fsdp2", 1000, 2) == 1500  # gather, gather, scatter
+    with pytest.raises(ValueError):
+        D.bytes_per_step("tp", 1000, 2)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_count_collectives_sees_calls_and_sizes(world_of_one):
+    x = torch.ones(10, dtype=torch.float64)
+    out = torch.empty(10, dtype=torch.float64)
+    with D.count_collectives(world_size=2) as log:
+        dist.all_reduce(x)
+        dist.all_gather_single(out, x)
+        dist.broadcast(x, 0)
+    assert [k for k, _ in log.calls] == ["all_reduce", "all_gather", "broadcast"]
+    assert log.payload() == 3 * 80
+    assert log.sent() == 80 * (1.0 + 0.5 + 0.5)  # ring factors for 2 ranks
+    assert log.summary()["all_reduce"] == {"calls": 1, "bytes": 80}
+
+
+def test_manual_allreduce_in_a_world_of_one_keeps_gradients(world_of_one):
+    model = tiny()
+    model(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8)))[1].backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    D.allreduce_gradients(model, world_size=1)
+    for a, p in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, p.grad)
+
+
+def test_clip_gradients_equals_torch(world_of_one):
+    a, b = tiny(), tiny()
+    idx = torch.randint(0, 50, (2, 16))
+    for m in (a, b):
+        m(idx, idx)[1].mul(100).backward()
+    n1 = torch.nn.utils.clip_grad_norm_(list(a.parameters()), 0.5)
+    n2 = D.clip_gradients(list(b.parameters()), 0.5)
+    torch.testing.assert_close(n1, n2)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_rank_batches_deal_out_the_global_batch(tmp_path):
+    ids = torch.arange(2000)
+    one = D.rank_batches(ids, 10, micro_batch=4, num_replicas=1, rank=0, seed=3)
+    two = [D.rank_batches(ids, 10, micro_batch=2, num_replicas=2, rank=r, seed=3)
+           for r in range(2)]  # fmt: skip
+    for _ in range(30):  # past the first epoch (199 windows / 4 per batch)
+        x, _ = next(one)
+        parts = torch.cat([next(g)[0] for g in two])
+        assert sorted(x[:, 0].tolist()) == sorted(parts[:, 0].tolist())
+
+
+def test_launch_streams_and_reports_failure(tmp_path):
+    ok = tmp_path / "ok.py"
+    ok.write_text("import os\nprint('rank', os.environ.get('RANK', '-'))\n")
+    lines = D.launch(ok, nproc=0, echo=None)
+    assert lines == ["rank -"]
+    bad = tmp_path / "bad.py"
+    bad.write_text("print('before'); raise SystemExit(3)\n")
+    with pytest.raises(RuntimeError, match=r"exit 3\):\nbefore"):
+        D.launch(bad, nproc=0, echo=None)
+    cmd = D.torchrun_command("x.py", ["--a"], nproc=2)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and cmd[-2:] == ["x.py", "--a"]
