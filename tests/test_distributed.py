@@ -170,3 +170,15 @@ def test_launch_streams_and_reports_failure(tmp_path):
     cmd = D.torchrun_command("x.py", ["--a"], nproc=2)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and cmd[-2:] == ["x.py", "--a"]
+
+
+def test_model_state_bytes_reproduce_the_zero_paper():
+    """ZeRO (Rajbhandari et al. 2020), Figure 1: 7.5B parameters on 64 devices."""
+    gb = {s: D.model_state_bytes(7.5e9, 64, s)["total"] / 1e9
+          for s in ("ddp", "zero1", "zero2", "zero3")}  # fmt: skip
+    assert gb["ddp"] == pytest.approx(120)
+    assert gb["zero1"] == pytest.approx(31.4, abs=0.05)
+    assert gb["zero2"] == pytest.approx(16.6, abs=0.05)
+    assert gb["zero3"] == pytest.approx(1.9, abs=0.05)
+    with pytest.raises(ValueError):
+        D.model_state_bytes(1, 2, "tp")

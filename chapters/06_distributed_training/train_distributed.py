@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -40,9 +42,24 @@ STRATEGIES += ("zero1", "zero2", "zero3")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def strategies(text: str) -> str:
+    unknown = [s for s in text.split(",") if s not in STRATEGIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}"
+        )
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--strategy", choices=STRATEGIES, default="single")
+    p.add_argument(
+        "--strategy",
+        type=strategies,
+        default="single",
+        help="one of " + ", ".join(STRATEGIES) + "; or several, comma-"
+        "separated, run one after the other (results in OUT/<strategy>)",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--out", type=Path, required=True)
@@ -167,7 +184,30 @@ def setup(args, env: D.DistEnv, cfg: TrainConfig) -> Setup:
 
 
 def deepspeed_setup(args, env, cfg, model) -> Setup:
-    raise NotImplementedError
+    """DeepSpeed's ZeRO stage 1, 2 or 3 around our own model and AdamW."""
+    import sys
+
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401 (the module patched below)
+
+    # DeepSpeed's communication backend compiles a shared-memory all-reduce with g++
+    # at start-up (minutes, once per machine). Only its inference all-reduce uses it;
+    # training goes through torch.distributed. Skip the build.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins our group
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size // env.world_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": int(args.strategy[-1])},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW, not DeepSpeed's
+        "steps_per_print": 10**9,
+    }
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=adamw(model, cfg), config=config,
+        dist_init_required=False,
+    )  # fmt: skip
+    return Setup(engine, optimizer, env.world_size, env.rank, engine=engine)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -196,6 +236,16 @@ def train_step(args, env, cfg, st: Setup, batches, schedule=None) -> float:
         dist.broadcast(
             total, src=env.world_size - 1
         )  # the loss lives on the last stage
+    elif st.engine is not None:  # DeepSpeed: it scales, reduces, clips and steps
+        for _ in range(cfg.grad_accum_steps):
+            x, y = (t.to(env.device) for t in next(batches))
+            loss = loss_of(st.engine, x, y)
+            st.engine.backward(loss)  # divides by the accumulation steps itself
+            st.engine.step()  # the optimizer steps at the last micro-batch only
+            total += loss.detach().double().cpu() / cfg.grad_accum_steps
+        total = total.to(env.device)
+        dist.all_reduce(total)
+        return float(total / env.world_size)
     else:
         for k in range(cfg.grad_accum_steps):
             x, y = (t.to(env.device) for t in next(batches))
@@ -281,26 +331,33 @@ def dcp_state(st: Setup) -> dict:
 def save_dcp(args, st: Setup, env, step: int) -> None:
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(dcp_state(st), checkpoint_id=str(args.save_dcp))  # every rank its shards
+    solo = env.world_size == 1  # one process: no process group to coordinate
+    dcp.save(dcp_state(st), checkpoint_id=str(args.save_dcp), no_dist=solo)
     if env.is_main:
         info = {"step": step, "strategy": args.strategy, "world_size": env.world_size}
         (args.save_dcp / "progress.json").write_text(json.dumps(info))
 
 
-def resume_dcp(args, st: Setup) -> int:
+def resume_dcp(args, st: Setup, env) -> int:
     """Load a DCP checkpoint into this strategy's model and optimizer; its step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = dcp_state(st)  # the layout this strategy wants: DCP fills it in place
-    dcp.load(state, checkpoint_id=str(args.resume_dcp))
+    dcp.load(state, checkpoint_id=str(args.resume_dcp), no_dist=env.world_size == 1)
     set_state_dict(st.module, st.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])  # fmt: skip
     return json.loads((args.resume_dcp / "progress.json").read_text())["step"]
 
 
-def deepspeed_parameters(st):
-    raise NotImplementedError
+def deepspeed_parameters(st) -> dict[str, torch.Tensor]:
+    """ZeRO-3 holds 1/N of every parameter: gather them whole (on every rank)."""
+    import deepspeed
+
+    params = list(st.engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: p.detach().clone().cpu()
+                for n, p in st.engine.module.named_parameters()}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------- main
@@ -309,15 +366,31 @@ def deepspeed_parameters(st):
 def main(argv=None) -> None:
     args = parse_args(argv)
     env = D.init_distributed("cpu" if args.dtype == "float64" else None)
+    names = args.strategy.split(",")
+    for name in names:
+        one = argparse.Namespace(**vars(args) | {"strategy": name})
+        if len(names) > 1:  # several strategies in one launch: OUT/<strategy>/
+            one.out = args.out / name
+        if name == "single" and env.world_size > 1:  # the reference: rank 0 alone
+            if env.is_main:
+                run(one, D.DistEnv(0, 1, 0, env.device))
+        else:
+            run(one, env)
+        if dist.is_initialized():
+            dist.barrier()
+    D.shutdown()
+
+
+def run(args, env: D.DistEnv) -> None:
+    """Train ``args.steps`` steps with one strategy; rank 0 writes the results."""
     cfg = train_config(args)
     if args.batch % args.accum:
         raise SystemExit("--batch must be a multiple of --accum")
     st = setup(args, env, cfg)
     micro = cfg.batch_size // st.dp_size
     if micro * st.dp_size != cfg.batch_size:
-        raise SystemExit(
-            f"micro-batch {cfg.batch_size} does not split over {st.dp_size}"
-        )
+        raise SystemExit(f"micro-batch {cfg.batch_size} does not split over "
+                         f"{st.dp_size} ranks")  # fmt: skip
     batches = D.rank_batches(train_ids(), args.context, micro, st.dp_size, st.dp_rank,
                              args.seed)  # fmt: skip
     schedule = pipeline_schedule(args, env, st, cfg) if args.strategy == "pp" else None
@@ -326,14 +399,14 @@ def main(argv=None) -> None:
     if (args.save_dcp or args.resume_dcp) and args.strategy not in DCP_STRATEGIES:
         raise SystemExit(f"sharded checkpoints here: {', '.join(DCP_STRATEGIES)}")
     if args.resume_dcp:
-        start = resume_dcp(args, st)
+        start = resume_dcp(args, st, env)
         for _ in range(start * cfg.grad_accum_steps):  # the data where the run was
             next(batches)
     losses, times, comm = [], [], None
     for step in range(start, args.steps):
         for group in st.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        counting = args.count_comm and step == 2
+        counting = args.count_comm and step == start + 2
         t0 = time.perf_counter()
         with D.count_collectives(env.world_size) if counting else nullcontext() as log:
             loss = train_step(args, env, cfg, st, batches, schedule)
@@ -342,14 +415,14 @@ def main(argv=None) -> None:
             comm = log.summary() | {"sent_bytes_ring": log.sent()}
         losses.append(loss)
         if env.is_main:
-            print(
-                f"step {step:3d}  loss {loss:.6f}  {times[-1] * 1e3:6.1f} ms",
-                flush=True,
-            )
+            print(f"{args.strategy:>8} step {step:3d}  loss {loss:.6f}  "
+                  f"{times[-1] * 1e3:6.1f} ms", flush=True)  # fmt: skip
 
     if args.save_dcp:
         save_dcp(args, st, env, args.steps)
     params = final_parameters(args, st, env)
+    held = held_per_rank(st, env)
+    timeline = pipeline_timeline(schedule, env) if schedule is not None else None
     if env.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in params.items()},
@@ -358,23 +431,25 @@ def main(argv=None) -> None:
             "strategy": args.strategy, "dtype": args.dtype,
             "world_size": env.world_size, "dp_size": st.dp_size, "tp": st.tp,
             "threads_per_process": torch.get_num_threads(),
-            "model": vars(model_config(args)),
-            "global_batch": args.batch, "accum": args.accum, "first_step": start,
-            "losses": losses,
-            "step_s": times, "comm_step2": comm,
+            "model": vars(model_config(args)), "global_batch": args.batch,
+            "accum": args.accum, "first_step": start, "losses": losses,
+            "step_s": times, "comm_step": comm,
             "params_total": sum(v.numel() for v in params.values()),
-            "params_held_per_rank": held_per_rank(st, env),
+            "params_held_per_rank": held,
         }  # fmt: skip
+        if timeline is not None:
+            record["timeline"] = timeline
         (args.out / "losses.json").write_text(json.dumps(record, indent=1))
         print(f"wrote {args.out}/final.safetensors and losses.json", flush=True)
-    else:
-        held_per_rank(st, env)
-    D.shutdown()
 
 
 def held_per_rank(st: Setup, env) -> list[int]:
     """Parameter elements each rank holds at rest (collective)."""
-    mine = D.local_numel(st.module.parameters())
+    params = list(st.module.parameters())
+    if st.engine is not None and hasattr(params[0], "ds_tensor"):  # ZeRO-3's shards
+        mine = sum(p.ds_tensor.numel() for p in params)
+    else:
+        mine = D.local_numel(params)
     if env.world_size == 1:
         return [mine]
     out = [None] * env.world_size
@@ -391,9 +466,44 @@ def pipeline_schedule(args, env, st: Setup, cfg):
     def loss_fn(logits, y):
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
-    return kind(stage, n_microbatches=cfg.grad_accum_steps, loss_fn=loss_fn)
+    schedule = kind(stage, n_microbatches=cfg.grad_accum_steps, loss_fn=loss_fn)
+    schedule.spans = []  # (kind, micro-batch, start, end) of every compute, this rank
+    for name in ("forward_one_chunk", "backward_one_chunk"):
+        setattr(stage, name, timed(getattr(stage, name), name[0].upper(), schedule))
+    return schedule
+
+
+def timed(fn, kind: str, schedule):
+    """Wrap a stage's forward/backward of one micro-batch to record when it ran."""
+
+    def wrapper(chunk, *args, **kwargs):
+        t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for all local processes
+        try:
+            return fn(chunk, *args, **kwargs)
+        finally:
+            schedule.spans.append((kind, chunk, t0, time.perf_counter()))
+
+    return wrapper
+
+
+def pipeline_timeline(schedule, env) -> list | None:
+    """Every rank's compute spans of the last step, on rank 0 (collective)."""
+    spans = schedule.spans
+    n_last = 2 * schedule._n_microbatches  # one F and one B per micro-batch
+    mine = [(env.rank, *span) for span in spans[-n_last:]]
+    parts = [None] * env.world_size
+    dist.all_gather_object(parts, mine)
+    if not env.is_main:
+        return None
+    rows = [row for part in parts for row in part]
+    t0 = min(r[3] for r in rows)
+    return [[rank, kind, mb, a - t0, b - t0] for rank, kind, mb, a, b in rows]
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # DTensor's advice on merging collectives over a 2-D mesh: not for tiny models
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    # DeepSpeed still calls collectives under their pre-2.10 names
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated")
     main()
