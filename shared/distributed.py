@@ -15,7 +15,7 @@ import re
 import socket
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,18 +136,22 @@ def launch(
     full_env = os.environ | {"OMP_NUM_THREADS": str(threads)} | (env or {})
     full_env["PYTHONUNBUFFERED"] = "1"
     lines: list[str] = []
-    start = time.monotonic()
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env
     ) as proc:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line.rstrip("\n"))
-            if echo is not None:
-                echo(lines[-1])
-            if time.monotonic() - start > timeout:
-                proc.kill()
-                raise TimeoutError(f"{script} ran over {timeout} s")
-        code = proc.wait()
+        watchdog = threading.Timer(timeout, proc.kill)  # a hung collective, say
+        watchdog.start()
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                lines.append(line.rstrip("\n"))
+                if echo is not None:
+                    echo(lines[-1])
+            code = proc.wait()
+        finally:
+            timed_out = not watchdog.is_alive()
+            watchdog.cancel()
+    if timed_out:
+        raise TimeoutError(f"{script} ran over {timeout} s and was stopped")
     if code != 0:
         # the ranks' own errors come before torchrun's summary: keep both
         errors = [ln for ln in lines if _ERROR.search(ln)][:20]

@@ -182,3 +182,10 @@ def test_model_state_bytes_reproduce_the_zero_paper():
     assert gb["zero3"] == pytest.approx(1.9, abs=0.05)
     with pytest.raises(ValueError):
         D.model_state_bytes(1, 2, "tp")
+
+
+def test_launch_stops_a_hung_script(tmp_path):
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\ntime.sleep(60)\n")  # silent: no line to wake on
+    with pytest.raises(TimeoutError, match="stopped"):
+        D.launch(hang, nproc=0, echo=None, timeout=1)

@@ -25,7 +25,7 @@ STEPS = 3
 
 def run(out: Path, strategies, nproc=2, dtype="float64", extra=()) -> Path:
     args = ["--strategy", ",".join(strategies), "--steps", STEPS, "--dtype", dtype,
-            "--out", out, *extra]  # fmt: skip
+            "--warmup", 1, "--out", out, *extra]  # fmt: skip
     D.launch(SCRIPT, args, nproc=nproc, echo=None, timeout=600)
     return out
 
@@ -114,7 +114,8 @@ def test_two_d_and_1f1b_equal_one_process(runs, tmp_path):
 
 def test_dcp_checkpoint_loads_in_one_process_and_resumes_elsewhere(runs, tmp_path):
     ckpt = tmp_path / "dcp"
-    first = run(tmp_path / "first", ["fsdp2"], extra=["--steps", 2, "--save-dcp", ckpt])
+    extra = ["--stop-after", 2, "--save-dcp", ckpt]  # the schedule of a 3-step run
+    first = run(tmp_path / "first", ["fsdp2"], extra=extra)
     shards = sorted(p.name for p in ckpt.glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # one file per rank
     model = GPT(GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4,

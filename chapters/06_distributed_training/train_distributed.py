@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW's epsilon")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel group (fsdp2_tp)")
@@ -78,6 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fsdp2: bf16 parameters and gradient reduction")  # fmt: skip
     p.add_argument("--count-comm", action="store_true",
                    help="record every collective of one step (step 2)")  # fmt: skip
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="end after this many steps (the schedule still spans --steps)",
+    )
     p.add_argument("--save-dcp", type=Path, help="save a sharded checkpoint here")
     p.add_argument("--resume-dcp", type=Path, help="start from a sharded checkpoint")
     return p.parse_args(argv)
@@ -123,9 +130,9 @@ class Setup:
         return [p for p in self.module.parameters() if p.requires_grad]
 
 
-def adamw(module, cfg: TrainConfig):
+def adamw(module, cfg: TrainConfig, eps: float = 1e-8):
     return torch.optim.AdamW(
-        parameter_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas
+        parameter_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=eps
     )
 
 
@@ -138,12 +145,14 @@ def setup(args, env: D.DistEnv, cfg: TrainConfig) -> Setup:
         if s == "manual":
             D.broadcast_parameters(model)  # start equal (they already are: same seed)
         n = world if s == "manual" else 1
-        return Setup(model, adamw(model, cfg), n, env.rank if n > 1 else 0)
+        return Setup(
+            model, adamw(model, cfg, args.adam_eps), n, env.rank if n > 1 else 0
+        )
     if s == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(model)  # broadcasts rank 0's parameters, then syncs every backward
-        return Setup(ddp, adamw(model, cfg), world, env.rank)
+        return Setup(ddp, adamw(model, cfg, args.adam_eps), world, env.rank)
     if s in ("fsdp2", "tp", "fsdp2_tp"):
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -167,7 +176,9 @@ def setup(args, env: D.DistEnv, cfg: TrainConfig) -> Setup:
                 fully_shard(block, **kw)  # each block gathered only while it runs
             fully_shard(model, **kw)  # the rest: embeddings, final norm
         dp_rank = mesh["dp"].get_local_rank()
-        return Setup(model, adamw(model, cfg), world // tp, dp_rank, tp=tp)
+        return Setup(
+            model, adamw(model, cfg, args.adam_eps), world // tp, dp_rank, tp=tp
+        )
     if s == "pp":
         stage_range = D.split_layers(args.n_layer, world)[env.rank]
         stage = D.GPTStage(model, *stage_range)
@@ -175,7 +186,7 @@ def setup(args, env: D.DistEnv, cfg: TrainConfig) -> Setup:
         opt = torch.optim.AdamW(
             [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas,
+            lr=cfg.lr, betas=cfg.betas, eps=args.adam_eps,
         )  # fmt: skip
         st = Setup(stage, opt, 1, 0)
         st.ends = dist.new_group([0, world - 1])  # the stages holding the tied weight
@@ -204,7 +215,7 @@ def deepspeed_setup(args, env, cfg, model) -> Setup:
         "steps_per_print": 10**9,
     }
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=adamw(model, cfg), config=config,
+        model=model, optimizer=adamw(model, cfg, args.adam_eps), config=config,
         dist_init_required=False,
     )  # fmt: skip
     return Setup(engine, optimizer, env.world_size, env.rank, engine=engine)
@@ -403,7 +414,8 @@ def run(args, env: D.DistEnv) -> None:
         for _ in range(start * cfg.grad_accum_steps):  # the data where the run was
             next(batches)
     losses, times, comm = [], [], None
-    for step in range(start, args.steps):
+    stop = args.steps if args.stop_after is None else min(args.stop_after, args.steps)
+    for step in range(start, stop):
         for group in st.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         counting = args.count_comm and step == start + 2
@@ -419,7 +431,7 @@ def run(args, env: D.DistEnv) -> None:
                   f"{times[-1] * 1e3:6.1f} ms", flush=True)  # fmt: skip
 
     if args.save_dcp:
-        save_dcp(args, st, env, args.steps)
+        save_dcp(args, st, env, stop)
     params = final_parameters(args, st, env)
     held = held_per_rank(st, env)
     timeline = pipeline_timeline(schedule, env) if schedule is not None else None
