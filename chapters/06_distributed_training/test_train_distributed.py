@@ -65,7 +65,7 @@ def test_deepspeed_equals_one_process_to_its_fp32_master_weights(runs, strategy)
     """DeepSpeed keeps fp32 master weights and AdamW state even for float64 models,
     so float64 runs agree only to float32 rounding."""
     diff = max_diff(params(runs / "f64" / strategy), params(runs / "f64" / "single"))
-    assert 1e-12 < diff < 1e-5  # not exact: the fp32 master copy is real
+    assert 1e-12 < diff < 1e-4  # float32-level, as in float32 runs: not exact
 
 
 @pytest.mark.parametrize("strategy", TORCH[1:] + ZERO)
