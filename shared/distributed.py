@@ -356,6 +356,7 @@ class GPTStage(nn.Module):
         super().__init__()
         self.config = model.config
         self.first, self.last = start == 0, stop == model.config.n_layer
+        self.tied = model.config.tie_weights  # the head is a copy of the embedding
         tr = model.transformer
         parts: dict[str, nn.Module] = {"h": nn.ModuleDict(
             {str(i): tr.h[i] for i in range(start, stop)})}  # fmt: skip
@@ -365,7 +366,6 @@ class GPTStage(nn.Module):
             parts["ln_f"] = tr.ln_f
             head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
             head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
-            self.tied = model.config.tie_weights
             self.lm_head = head
         self.transformer = nn.ModuleDict(parts)
         table = getattr(model, "pos_table", None)  # sinusoidal positions (a buffer)
