@@ -244,9 +244,8 @@ def train_step(args, env, cfg, st: Setup, batches, schedule=None) -> float:
         sync_tied_weights(st, env, st.ends)
         clip_pipeline(st, cfg.grad_clip)
         total = loss.detach().cpu()
-        dist.broadcast(
-            total, src=env.world_size - 1
-        )  # the loss lives on the last stage
+        # the loss lives on the last stage; every rank reports it
+        dist.broadcast(total, src=env.world_size - 1)
     elif st.engine is not None:  # DeepSpeed: it scales, reduces, clips and steps
         for _ in range(cfg.grad_accum_steps):
             x, y = (t.to(env.device) for t in next(batches))
@@ -289,9 +288,11 @@ def sync_tied_weights(st: Setup, env, group) -> None:
     """Pipeline: the first stage's embedding and the last stage's head are one tensor;
     sum their gradients so both copies take the same step."""
     stage = st.module
+    if not stage.tied:  # an untied head is a parameter of its own
+        return
     if stage.first:
         dist.all_reduce(stage.transformer.wte.weight.grad, group=group)
-    elif stage.last and stage.tied:
+    elif stage.last:
         dist.all_reduce(stage.lm_head.weight.grad, group=group)
 
 
