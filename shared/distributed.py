@@ -90,23 +90,14 @@ def free_port() -> int:
 
 
 def torchrun_command(
-    script: str | Path,
-    args: Sequence[str] = (),
-    nproc: int = 2,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    rdzv_endpoint: str | None = None,
+    script: str | Path, args: Sequence[str] = (), nproc: int = 2
 ) -> list[str]:
-    """The ``torchrun`` command line for ``script`` (``--standalone`` on one node)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
-    if nnodes == 1 and rdzv_endpoint is None:
-        cmd += ["--standalone"]
-    else:
-        cmd += [
-            f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-            "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}",
-            "--rdzv_id=course",
-        ]  # fmt: skip
+    """The ``torchrun`` command line for ``script`` on this machine (``--standalone``).
+
+    Several machines need a rendezvous instead: see ``launch/two_agents.sh`` and
+    ``launch/train.sbatch`` in chapter 6.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     return cmd + [f"--nproc_per_node={nproc}", str(script), *map(str, args)]
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from shared import distributed as D
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -47,12 +48,6 @@ def _env() -> dict[str, str]:
         str(BIN / "torchrun") if (BIN / "torchrun").exists() else "torchrun"
     )
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_k8s_manifest_validates_and_broken_copies_fail():
@@ -98,7 +93,7 @@ def test_k8s_pod_command_runs_as_two_nodes(tmp_path):
         env["RDZV_HOST"]
         == f"{job['metadata']['name']}-0.{job['spec']['template']['spec']['subdomain']}"
     )
-    env.update(RDZV_HOST="localhost", RDZV_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env.update(RDZV_HOST="localhost", RDZV_PORT=str(D.free_port()), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
             ["bash", "-c", script],
