@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shared.model import position_ids_from_mask
+
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits per row, set the rest to -inf (ties kept)."""
@@ -74,10 +76,20 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator)
 
 
-def _next_token_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """Logits (B, V) for the position after ``idx``, cropped to the model's context."""
+def _next_token_logits(
+    model: nn.Module, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (B, V) for the position after ``idx``, cropped to the model's context.
+
+    With a (B, T) ``attention_mask`` (0 = left padding) padding is not attended to and
+    positions count from each row's first real token.
+    """
     context = model.config.context_length
-    logits = model(idx[:, -context:])  # forget tokens that fell out of the window
+    idx = idx[:, -context:]  # forget tokens that fell out of the window
+    if attention_mask is None:
+        return model(idx)[:, -1, :]
+    mask = attention_mask[:, -context:]
+    logits = model(idx, attention_mask=mask, position_ids=position_ids_from_mask(mask))
     return logits[:, -1, :]
 
 
@@ -91,13 +103,15 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + n).
 
     ``temperature=0`` is greedy decoding. With ``eos_id`` a sequence stops after
     emitting it; in a batch, finished rows are padded with ``eos_id`` until all are
-    done. The model runs in eval mode (no dropout) and its previous mode is restored
-    afterwards.
+    done. Prompts of different lengths go in one batch left-padded, with
+    ``attention_mask`` (B, T) marking real tokens 1 and padding 0. The model runs in
+    eval mode (no dropout) and its previous mode is restored afterwards.
     """
     if idx.dim() == 1:
         raise ValueError("idx must be (batch, time); use idx[None] for one sequence")
@@ -111,12 +125,16 @@ def generate(
     try:
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits = _next_token_logits(model, idx)
+            logits = _next_token_logits(model, idx, attention_mask)
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(done[:, None], eos_id)
                 done |= token[:, 0] == eos_id
             idx = torch.cat([idx, token], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat(
+                    [attention_mask, torch.ones_like(token, dtype=attention_mask.dtype)], 1
+                )
             if eos_id is not None and bool(done.all()):
                 break
     finally:

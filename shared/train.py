@@ -277,3 +277,66 @@ def train(
 
 def _evaluated(history: dict, step: int) -> bool:
     return bool(history["eval"]) and history["eval"][-1]["step"] == step
+
+
+def train_on_batches(
+    model: nn.Module,
+    batches: Iterator,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor | tuple[torch.Tensor, dict]],
+    cfg: TrainConfig,
+    *,
+    evaluate: Callable[[int, nn.Module], dict] | None = None,
+    progress: bool = True,
+) -> dict:
+    """The fine-tuning loop: ``loss_fn(model, batch)`` on batches someone else makes.
+
+    Same optimizer as pretraining (AdamW groups over the *trainable* parameters only,
+    warmup + cosine, clipping); ``loss_fn`` may return ``(loss, metrics)`` and the
+    metrics are logged with each step. ``evaluate(step, model) -> dict`` runs every
+    ``eval_interval`` steps and at the end (in eval mode). Returns ``train`` records
+    (step, loss, lr, grad_norm, step_s, metrics) and ``eval`` records.
+    """
+    torch.manual_seed(cfg.seed)
+    optimizer = configure_optimizer(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    history: dict = {"train": [], "eval": []}
+
+    def run_eval(step: int) -> None:
+        if evaluate is None:
+            return
+        model.eval()
+        rec = {"step": step, **evaluate(step, model)}
+        history["eval"].append(rec)
+        model.train()
+
+    model.train()
+    bar = tqdm(range(cfg.max_steps), disable=not progress, mininterval=2.0,
+               desc="fine-tune", unit="step", dynamic_ncols=True)  # fmt: skip
+    for step in bar:
+        if step % cfg.eval_interval == 0:
+            run_eval(step)
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        metrics: dict = {}
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum_steps):
+            out = loss_fn(model, next(batches))
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+            (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.item()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = float(nn.utils.clip_grad_norm_(trainable, max_norm))
+        optimizer.step()
+        rec = {"step": step + 1, "loss": loss_sum / cfg.grad_accum_steps, "lr": lr,
+               "grad_norm": grad_norm, "step_s": time.perf_counter() - t0}  # fmt: skip
+        rec.update({k: float(v) for k, v in metrics.items()})
+        history["train"].append(rec)
+        if (step + 1) % cfg.log_interval == 0:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+    bar.close()
+    run_eval(cfg.max_steps)
+    model.eval()
+    return history

@@ -1,0 +1,179 @@
+"""Direct Preference Optimization (Rafailov et al., 2023): preferences without a reward model.
+
+For a prompt x with a chosen response y_w and a rejected one y_l, the policy pi and a
+frozen reference pi_ref (the SFT model) give each response an *implicit reward*
+``beta * (log pi(y | x) - log pi_ref(y | x))``, where a log-probability is summed over
+the response's tokens only. The loss pushes the chosen reward above the rejected:
+``-log sigmoid(r_w - r_l)``. ``beta`` sets how far the policy may move from the
+reference. Sequences are built as in ``shared.sft`` (prompt masked with -100,
+``<|endoftext|>`` appended), which is also how TRL's ``DPOTrainer`` builds them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.sft import IGNORE, collate, encode_example, format_prompt
+from shared.tasks import Pair
+
+EncodedPair = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per sequence (B,): the summed log-probability of the labelled targets.
+
+    Positions whose target is -100 (prompt, padding) add nothing.
+    """
+    logits = model(input_ids, attention_mask=attention_mask)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    labelled = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (picked * labelled).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO loss (mean over pairs) and the implicit rewards of both responses."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> list[EncodedPair]:
+    """Each pair as (chosen, rejected) ``(ids, labels)``, prompt tokens labelled -100."""
+    out = []
+    for p in pairs:
+        prompt = format_prompt(p.instruction, p.input)
+        out.append((encode_example(tokenizer, prompt, p.chosen),
+                    encode_example(tokenizer, prompt, p.rejected)))  # fmt: skip
+    return out
+
+
+def collate_pairs(
+    encoded: Sequence[EncodedPair], pad_id: int, context_length: int
+) -> dict[str, torch.Tensor]:
+    """One padded batch of 2B rows: all chosen, then all rejected (one forward)."""
+    rows = [c for c, _ in encoded] + [r for _, r in encoded]
+    return collate(rows, pad_id, context_length)
+
+
+def _forward_pairs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    logps = sequence_logprobs(
+        model, batch["input_ids"].to(device), batch["targets"].to(device),
+        batch["attention_mask"].to(device),
+    )  # fmt: skip
+    half = logps.size(0) // 2
+    return logps[:half], logps[half:]
+
+
+@torch.no_grad()
+def reference_logprobs(
+    reference: nn.Module, encoded: Sequence[EncodedPair], batch_size: int = 64
+) -> torch.Tensor:
+    """(N, 2) summed log-probs of (chosen, rejected) under the frozen reference.
+
+    Computed once before training: the reference never changes, so its forward pass
+    need not be repeated every step.
+    """
+    was_training = reference.training
+    reference.eval()
+    ctx, pad = reference.config.context_length, _pad_of(encoded)
+    out = []
+    for i in range(0, len(encoded), batch_size):
+        batch = collate_pairs(encoded[i : i + batch_size], pad, ctx)
+        out.append(torch.stack(_forward_pairs(reference, batch), dim=1).cpu())
+    reference.train(was_training)
+    return torch.cat(out)
+
+
+def _pad_of(encoded: Sequence[EncodedPair]) -> int:
+    return encoded[0][0][0][-1]  # every sequence ends with <|endoftext|>
+
+
+def pair_batches(
+    encoded: Sequence[EncodedPair],
+    ref_logps: torch.Tensor,
+    batch_size: int,
+    context_length: int,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches of pairs forever, each with its rows' reference log-probs."""
+    rng = random.Random(seed)
+    order, pad = list(range(len(encoded))), _pad_of(encoded)
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            rows = order[i : i + batch_size]
+            batch = collate_pairs([encoded[j] for j in rows], pad, context_length)
+            batch["ref_logps"] = ref_logps[rows]
+            yield batch
+
+
+def dpo_step(beta: float):
+    """A ``loss_fn(model, batch)`` for ``shared.train.train_on_batches``."""
+
+    def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        chosen, rejected = _forward_pairs(model, batch)
+        ref = batch["ref_logps"].to(chosen.device)
+        loss, r_w, r_l = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)
+        metrics = {
+            "reward_chosen": r_w.mean(),
+            "reward_rejected": r_l.mean(),
+            "reward_margin": (r_w - r_l).mean(),
+            "reward_accuracy": (r_w > r_l).float().mean(),
+        }
+        return loss, metrics
+
+    return loss_fn
+
+
+@torch.no_grad()
+def preference_metrics(
+    model: nn.Module,
+    encoded: Sequence[EncodedPair],
+    ref_logps: torch.Tensor,
+    beta: float = 0.1,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Held-out: DPO loss, reward accuracy and margin, and log-prob accuracy.
+
+    ``reward_accuracy`` counts pairs whose implicit reward prefers the chosen
+    response (0 for the reference itself: all rewards are 0, ties do not count);
+    ``logprob_accuracy`` counts pairs where the model itself gives the chosen
+    response the higher log-probability, which means something before training too.
+    """
+    was_training = model.training
+    model.eval()
+    ctx, pad = model.config.context_length, _pad_of(encoded)
+    chosen, rejected = [], []
+    for i in range(0, len(encoded), batch_size):
+        c, r = _forward_pairs(model, collate_pairs(encoded[i : i + batch_size], pad, ctx))
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    loss, r_w, r_l = dpo_loss(chosen, rejected, ref_logps[:, 0], ref_logps[:, 1], beta)
+    return {
+        "loss": float(loss),
+        "reward_accuracy": float((r_w > r_l).float().mean()),
+        "reward_margin": float((r_w - r_l).mean()),
+        "logprob_accuracy": float((chosen > rejected).float().mean()),
+    }
+

@@ -1,0 +1,246 @@
+"""The course's instruction tasks and preference pairs, made from Tiny Shakespeare.
+
+Five tasks a 2M-parameter Shakespeare model can learn, each with an answer a program
+can check: who speaks a line (one of eight frequent speakers), repeat the words,
+reverse the words, count the words, and say a modernised line in Shakespeare's
+English (a 16-entry lexicon, applied word for word). Every example is built from one
+source line of the play text; a line belongs to the held-out split when a hash of its
+text says so, so no source line is shared between the splits.
+
+Preference pairs reuse the same examples: *chosen* is the right answer, *rejected* a
+checkable mistake (a wrong speaker, an off-format answer that runs on past the end,
+the words not reversed, a count off by one, the line left in modern English).
+``chapters/07_finetuning_dpo/make_datasets.py`` writes them to ``data/finetune/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shared.data import REPO_ROOT
+
+DATA_DIR = REPO_ROOT / "data" / "finetune"
+SPEAKERS = (
+    "ROMEO", "JULIET", "CORIOLANUS", "MENENIUS", "PETRUCHIO", "LEONTES",
+    "DUKE VINCENTIO", "KING RICHARD II",
+)  # fmt: skip
+INSTRUCTIONS = {
+    "speaker": "Who speaks this line?",
+    "repeat": "Repeat the words.",
+    "reverse": "Reverse the order of the words.",
+    "count": "How many words are there?",
+    "early_modern": "Say it in Shakespeare's English.",
+}
+NUMBERS = "zero one two three four five six seven eight nine".split()
+# modern -> early-modern, longest match first; applied word for word
+LEXICON = {
+    "you are": "thou art", "you have": "thou hast", "you will": "thou wilt",
+    "you shall": "thou shalt", "you do": "thou dost", "it is": "'tis",
+    "you": "thee", "your": "thy", "has": "hath", "does": "doth", "before": "ere",
+    "often": "oft", "yes": "ay", "no": "nay", "why": "wherefore", "listen": "hark",
+}  # fmt: skip
+WORD = re.compile(r"[A-Za-z']+")
+
+
+@dataclass
+class Example:
+    """One instruction example: the task, its instruction, input and answer."""
+
+    task: str
+    instruction: str
+    input: str
+    output: str
+    source: int  # index of the source line in the corpus's speech lines
+
+
+@dataclass
+class Pair:
+    """A preference pair: one prompt's example, a chosen and a rejected response."""
+
+    task: str
+    kind: str  # what the rejected response gets wrong
+    instruction: str
+    input: str
+    chosen: str
+    rejected: str
+    source: int
+
+
+def speech_lines(text: str) -> list[tuple[str, str]]:
+    """``(speaker, line)`` for every line of every speech (``NAME:`` then lines)."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = block.strip("\n").split("\n")
+        if len(lines) >= 2 and re.fullmatch(r"[A-Z][A-Za-z ']+:", lines[0]):
+            out += [(lines[0][:-1], line) for line in lines[1:] if line.strip()]
+    return out
+
+
+def is_held_out(line: str, percent: int = 10) -> bool:
+    """True for about ``percent`` % of lines, decided by a hash of the text."""
+    digest = hashlib.sha256(line.strip().encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < percent
+
+
+def words_of(line: str) -> list[str]:
+    """The words of a line without punctuation (apostrophes kept)."""
+    return [w.strip("'") for w in WORD.findall(line) if w.strip("'")]
+
+
+def _match_case(word: str, like: str) -> str:
+    return word[:1].upper() + word[1:] if like[:1].isupper() else word
+
+
+def _substitute(line: str, table: dict[str, str]) -> str:
+    """Replace the keys of ``table`` (one or two words, longest first) in ``line``."""
+    keys = sorted(table, key=lambda k: -len(k.split()))
+    pattern = r"(?<![A-Za-z'])(" + "|".join(re.escape(k) for k in keys) + r")(?![A-Za-z'])"
+
+    def swap(m: re.Match) -> str:
+        return _match_case(table[m.group(0).lower()], m.group(0))
+
+    return re.sub(pattern, swap, line, flags=re.IGNORECASE)
+
+
+def to_early_modern(sentence: str) -> str:
+    """Apply the lexicon: ``"you are my friend"`` -> ``"thou art my friend"``."""
+    return _substitute(sentence, LEXICON)
+
+
+def to_modern(line: str) -> str:
+    """The lexicon backwards (early-modern -> modern)."""
+    return _substitute(line, {v: k for k, v in LEXICON.items()})
+
+
+def _early_modern_input(line: str) -> str | None:
+    """A modern version of ``line`` that the lexicon maps back exactly, else None."""
+    modern = to_modern(line)
+    if modern == line or to_early_modern(modern) != line:
+        return None
+    return modern
+
+
+def make_examples(
+    lines: list[tuple[str, str]], held_out: bool, per_task: int, seed: int = 0
+) -> list[Example]:
+    """``per_task`` examples of each task from the lines of one split."""
+    rng = random.Random(f"{seed}-{held_out}")
+    pool = [i for i, (_, line) in enumerate(lines) if is_held_out(line) == held_out]
+    out: list[Example] = []
+
+    def add(task: str, source: int, inp: str, answer: str) -> None:
+        out.append(Example(task, INSTRUCTIONS[task], inp, answer, source))
+
+    by_task: dict[str, list[int]] = {
+        "speaker": [i for i in pool if lines[i][0] in SPEAKERS
+                    and 4 <= len(words_of(lines[i][1]))],
+        "early_modern": [i for i in pool if _early_modern_input(lines[i][1])
+                         and len(words_of(lines[i][1])) <= 10],
+        "words": [i for i in pool if len(words_of(lines[i][1])) >= 3],
+    }  # fmt: skip
+    # speakers balanced: the same number of lines from each of the eight
+    per_speaker = per_task // len(SPEAKERS)
+    for name in SPEAKERS:
+        theirs = [i for i in by_task["speaker"] if lines[i][0] == name]
+        for i in rng.sample(theirs, min(per_speaker, len(theirs))):
+            add("speaker", i, lines[i][1].strip(), name)
+    chosen = by_task["early_modern"]
+    for i in rng.sample(chosen, min(per_task, len(chosen))):
+        add("early_modern", i, _early_modern_input(lines[i][1]), lines[i][1].strip())
+    for task, lo, hi in [("repeat", 3, 8), ("reverse", 2, 6), ("count", 1, 9)]:
+        for i in rng.sample(by_task["words"], per_task):
+            words = words_of(lines[i][1])
+            n = rng.randint(lo, min(hi, len(words)))
+            start = rng.randint(0, len(words) - n)
+            span = words[start : start + n]
+            answer = {
+                "repeat": " ".join(span),
+                "reverse": " ".join(reversed(span)),
+                "count": NUMBERS[n],
+            }[task]
+            add(task, i, " ".join(span), answer)
+    rng.shuffle(out)
+    return out
+
+
+def make_pairs(
+    examples: list[Example], lines: list[tuple[str, str]], seed: int = 0
+) -> list[Pair]:
+    """One preference pair per example: the right answer against a checkable error.
+
+    Every task's pairs mix in an off-format rejection (the answer, then more lines
+    running on as if the model did not know where to stop).
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for ex in examples:
+        kind = "off_format" if rng.random() < 0.25 else ex.task
+        if kind == "off_format":
+            split = is_held_out(lines[ex.source][1])
+            nxt = ex.source + 1  # the next line of the same split runs on
+            while is_held_out(lines[nxt % len(lines)][1]) != split:
+                nxt += 1
+            more = lines[nxt % len(lines)][1].strip()
+            rejected = f"{ex.output}\n{more}\n### Instruction:"
+        elif kind == "speaker":
+            rejected = rng.choice([s for s in SPEAKERS if s != ex.output])
+        elif kind == "reverse":
+            if ex.input == ex.output:  # a palindrome of words: no wrong order
+                continue
+            rejected = ex.input  # the words left in order
+        elif kind == "count":
+            n = NUMBERS.index(ex.output)
+            step = rng.choice([-1, 1]) if 1 < n < 9 else (1 if n == 1 else -1)
+            rejected = NUMBERS[n + step]  # off by one
+        elif kind == "early_modern":
+            rejected = ex.input  # left in modern English
+        else:  # repeat: one word dropped
+            words = ex.output.split()
+            del words[rng.randrange(len(words))]
+            rejected = " ".join(words)
+        pairs.append(
+            Pair(ex.task, kind, ex.instruction, ex.input, ex.output, rejected, ex.source)
+        )
+    return pairs
+
+
+def check_answer(example: Example | dict, response: str) -> bool:
+    """Is ``response`` (generated text, end marker removed) exactly the answer?"""
+    answer = example.output if isinstance(example, Example) else example["output"]
+    return response.strip() == answer.strip()
+
+
+# --- files
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Rows (dataclasses or dicts) as one JSON object per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(asdict(row) if hasattr(row, "task") else row,
+                               ensure_ascii=False) + "\n")  # fmt: skip
+    return path
+
+
+def load_examples(split: str = "train", folder: Path | None = None) -> list[Example]:
+    """The committed instruction examples of ``split`` ("train" or "test")."""
+    path = (folder or DATA_DIR) / f"instructions-{split}.jsonl"
+    return [Example(**json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def load_pairs(split: str = "train", folder: Path | None = None) -> list[Pair]:
+    """The committed preference pairs of ``split`` ("train" or "test")."""
+    path = (folder or DATA_DIR) / f"preferences-{split}.jsonl"
+    return [Pair(**json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def task_counts(rows: list) -> Counter:
+    """How many rows of each task."""
+    return Counter(r.task for r in rows)

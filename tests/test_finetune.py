@@ -1,0 +1,290 @@
+"""Chapter 07's pieces: the datasets, loss masking, LoRA, DPO and batched answers."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared import dpo, lora, sft, tasks
+from shared.generate import generate
+from shared.model import GPT, GPTConfig
+from shared.data import REPO_ROOT as REPO
+from shared.pretrained import load_course_model
+
+
+@pytest.fixture(scope="module")
+def course():
+    model, tokenizer, _ = load_course_model()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=1024, context_length=128, n_layer=2, n_head=2,
+                         n_embd=32)).eval()  # fmt: skip
+
+
+# --- the datasets
+
+
+def test_committed_datasets_are_what_the_script_makes():
+    script = REPO / "chapters" / "07_finetuning_dpo" / "make_datasets.py"
+    done = subprocess.run([sys.executable, script, "--check"], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_splits_share_no_source_line():
+    lines = {}
+    for split in ("train", "test"):
+        rows = tasks.load_examples(split) + tasks.load_pairs(split)
+        lines[split] = {r.source for r in rows}
+        assert rows and all(tasks.is_held_out(_line(r.source)) == (split == "test")
+                            for r in rows)  # fmt: skip
+    assert not lines["train"] & lines["test"]
+
+
+_LINES: list = []
+
+
+def _line(i: int) -> str:
+    if not _LINES:
+        from shared.data import read_text
+
+        _LINES.extend(tasks.speech_lines(read_text("tinyshakespeare")))
+    return _LINES[i][1]
+
+
+def test_every_answer_checks_and_every_rejection_fails():
+    for ex in tasks.load_examples("test"):
+        assert tasks.check_answer(ex, ex.output)
+    pairs = tasks.load_pairs("test")
+    kinds = {p.kind for p in pairs}
+    assert kinds == {"speaker", "repeat", "reverse", "count", "early_modern",
+                     "off_format"}  # fmt: skip
+    for p in pairs:
+        ex = tasks.Example(p.task, p.instruction, p.input, p.chosen, p.source)
+        assert tasks.check_answer(ex, p.chosen) and not tasks.check_answer(ex, p.rejected)
+
+
+def test_task_answers_are_right():
+    for ex in tasks.load_examples("train")[:400]:
+        words = ex.input.split()
+        if ex.task == "reverse":
+            assert ex.output.split() == words[::-1]
+        elif ex.task == "repeat":
+            assert ex.output == ex.input
+        elif ex.task == "count":
+            assert tasks.NUMBERS.index(ex.output) == len(words)
+        elif ex.task == "early_modern":
+            assert tasks.to_early_modern(ex.input) == ex.output != ex.input
+        else:
+            assert ex.output in tasks.SPEAKERS
+
+
+def test_lexicon_round_trip():
+    assert tasks.to_early_modern("You are late, and your horse does limp.") == (
+        "Thou art late, and thy horse doth limp."
+    )
+    assert tasks.to_modern("Thou art late") == "You are late"
+
+
+# --- SFT: template, masking, padding
+
+
+def test_prompt_and_response_encode_as_one_text(course):
+    _, tok = course
+    for ex in tasks.load_examples("test"):
+        prompt = sft.format_prompt(ex.instruction, ex.input)
+        ids, _ = sft.encode_example(tok, prompt, ex.output)
+        assert ids[:-1] == tok.encode(prompt + ex.output)
+
+
+def test_loss_masking_ignores_exactly_prompt_and_padding(course):
+    _, tok = course
+    examples = tasks.load_examples("test")[:5]
+    encoded = sft.encode_examples(tok, examples)
+    batch = sft.collate(encoded, sft.eos_id(tok), 128)
+    for row, ex in enumerate(examples):
+        prompt = tok.encode(sft.format_prompt(ex.instruction, ex.input))
+        response = tok.encode(ex.output) + [sft.eos_id(tok)]
+        labelled = (batch["targets"][row] != sft.IGNORE).nonzero()[:, 0].tolist()
+        # target t is token t+1: the response starts at position len(prompt)
+        assert labelled == list(range(len(prompt) - 1, len(prompt) - 1 + len(response)))
+        assert batch["targets"][row, labelled].tolist() == response
+        n = len(prompt) + len(response) - 1
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (
+            batch["input_ids"].size(1) - n
+        )
+    unmasked = sft.collate(sft.encode_examples(tok, examples, mask_prompt=False),
+                           sft.eos_id(tok), 128)  # fmt: skip
+    assert torch.equal(unmasked["targets"] != sft.IGNORE, batch["attention_mask"] == 1)
+
+
+def test_masked_loss_equals_hand_computed_cross_entropy(course):
+    model, tok = course
+    encoded = sft.encode_examples(tok, tasks.load_examples("test")[:4])
+    batch = sft.collate(encoded, sft.eos_id(tok), 128)
+    with torch.no_grad():
+        loss = sft.sft_loss(model, batch)
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    keep = batch["targets"] != sft.IGNORE
+    logp = torch.log_softmax(logits, -1)[keep]
+    by_hand = -logp.gather(-1, batch["targets"][keep][:, None]).mean()
+    torch.testing.assert_close(loss, by_hand)
+
+
+def test_padding_does_not_change_a_row(course):
+    model, tok = course
+    encoded = sft.encode_examples(tok, tasks.load_examples("test")[:6])
+    batch = sft.collate(encoded, sft.eos_id(tok), 128)
+    with torch.no_grad():
+        together = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        for row, (ids, _) in enumerate(encoded):
+            alone = model(torch.tensor([ids[:-1]]))
+            torch.testing.assert_close(together[row, : len(ids) - 1], alone[0],
+                                       atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_collate_refuses_too_long():
+    with pytest.raises(ValueError, match="tokens"):
+        sft.collate([(list(range(200)), list(range(200)))], 0, 128)
+
+
+def test_left_padded_answers_equal_one_by_one(course):
+    model, tok = course
+    prompts = [sft.format_prompt(e.instruction, e.input)
+               for e in tasks.load_examples("test")[:6]]  # fmt: skip
+    together = sft.answers(model, tok, prompts, 8)
+    for prompt, answer in zip(prompts, together):
+        idx = torch.tensor([tok.encode(prompt)])
+        out = generate(model, idx, 8, temperature=0.0, eos_id=sft.eos_id(tok))
+        ids = out[0, idx.size(1) :].tolist()
+        ids = ids[: ids.index(sft.eos_id(tok))] if sft.eos_id(tok) in ids else ids
+        assert answer == tok.decode(ids)
+
+
+# --- LoRA
+
+
+def test_lora_zero_b_leaves_outputs_unchanged(tiny):
+    idx = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = tiny(idx)
+    model = lora.apply_lora(_copy(tiny), r=4, alpha=8)
+    torch.testing.assert_close(model(idx), before, atol=0, rtol=0)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(tiny):
+    model = lora.apply_lora(_copy(tiny), r=4, alpha=8, targets=("c_attn", "c_proj"))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".lora_A" in n or ".lora_B" in n for n in names)
+    # 2 layers x (c_attn 32->96, attn.c_proj 32->32, mlp.c_proj 128->32), rank 4
+    expected = 2 * 4 * ((32 + 96) + (32 + 32) + (128 + 32))
+    assert lora.trainable_parameters(model) == expected
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.normal_(std=0.1)
+    idx = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        adapted = model(idx)
+        assert (adapted - tiny(idx)).abs().max() > 1e-3  # the adapter does something
+        merged = lora.merge_lora(model)
+        assert not lora.lora_layers(merged)
+        torch.testing.assert_close(merged(idx), adapted, atol=1e-5, rtol=0)
+
+
+def test_lora_gradient_reaches_a_and_b(tiny):
+    model = lora.apply_lora(_copy(tiny), r=2, alpha=2)
+    idx = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(3))
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    layer = next(iter(lora.lora_layers(model).values()))
+    assert layer.lora_B.grad.abs().sum() > 0  # B=0, so only B moves first
+    assert layer.base.weight.grad is None
+
+
+def test_peft_format_round_trip(tiny, tmp_path):
+    model = lora.apply_lora(_copy(tiny), r=4, alpha=8)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.normal_(std=0.1)
+    lora.save_peft_adapter(model, tmp_path)
+    again = lora.load_peft_adapter(_copy(tiny), tmp_path)
+    idx = torch.randint(0, 1024, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx), model(idx), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        lora.load_peft_adapter(
+            GPT(GPTConfig(1024, 128, 1, 2, 32)).eval(), tmp_path
+        )
+
+
+def test_apply_lora_refuses_unknown_targets(tiny):
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        lora.apply_lora(_copy(tiny), targets=("q_proj",))
+
+
+# --- DPO
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference():
+    logps = torch.tensor([-12.0, -3.5, -40.0])
+    loss, r_w, r_l = dpo.dpo_loss(logps, logps - 2, logps, logps - 2, beta=0.1)
+    assert math.isclose(float(loss), math.log(2), rel_tol=1e-6)
+    assert torch.equal(r_w, torch.zeros(3)) and torch.equal(r_l, torch.zeros(3))
+
+
+def test_dpo_loss_matches_a_hand_computation():
+    # policy moved +2 nats on chosen, -1 on rejected; beta 0.5: margin 0.5*(2+1)=1.5
+    loss, r_w, r_l = dpo.dpo_loss(torch.tensor([-8.0]), torch.tensor([-11.0]),
+                                  torch.tensor([-10.0]), torch.tensor([-10.0]), 0.5)  # fmt: skip
+    assert math.isclose(float(loss), math.log(1 + math.exp(-1.5)), rel_tol=1e-6)
+    assert float(r_w) == 1.0 and float(r_l) == -0.5
+
+
+def test_sequence_logprobs_sum_only_response_tokens(course):
+    model, tok = course
+    pair = tasks.load_pairs("test")[0]
+    (chosen, _), = dpo.encode_pairs(tok, [pair])
+    batch = sft.collate([chosen], sft.eos_id(tok), 128)
+    with torch.no_grad():
+        got = dpo.sequence_logprobs(model, batch["input_ids"], batch["targets"])
+        logp = torch.log_softmax(model(batch["input_ids"]), -1)[0]
+    n_prompt = len(tok.encode(sft.format_prompt(pair.instruction, pair.input)))
+    ids = chosen[0]
+    by_hand = sum(float(logp[t - 1, ids[t]]) for t in range(n_prompt, len(ids)))
+    assert math.isclose(float(got), by_hand, rel_tol=1e-5)
+    # changing a prompt token's target to anything else must not matter
+    targets = batch["targets"].clone()
+    assert (targets[0, : n_prompt - 1] == sft.IGNORE).all()
+
+
+def test_dpo_gradient_pushes_margin_up(course):
+    import copy
+
+    model, tok = course
+    policy = copy.deepcopy(model).train()
+    encoded = dpo.encode_pairs(tok, tasks.load_pairs("test")[:16])
+    ref = dpo.reference_logprobs(model, encoded)
+    batch = next(dpo.pair_batches(encoded, ref, 16, 128))
+    step = dpo.dpo_step(beta=0.1)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+    loss0, m0 = step(policy, batch)
+    assert math.isclose(loss0.item(), math.log(2), rel_tol=1e-4)
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1, m1 = step(policy, batch)
+    assert float(loss1) < float(loss0) and float(m1["reward_margin"]) > 0
