@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from shared import tasks
@@ -60,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     files = build()
     stats = json.dumps(summary(files), indent=1) + "\n"
     if args.check:
-        tmp = Path(args.out).parent / ".finetune-check"
-        for name, rows in files.items():
-            tasks.write_jsonl(tmp / name, rows)
-            if (tmp / name).read_bytes() != (Path(args.out) / name).read_bytes():
-                print(f"{name} differs from the committed file", file=sys.stderr)
-                return 1
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, rows in files.items():
+                fresh = tasks.write_jsonl(Path(tmp) / name, rows).read_bytes()
+                if fresh != (Path(args.out) / name).read_bytes():
+                    print(f"{name} differs from the committed file", file=sys.stderr)
+                    return 1
         print("committed datasets are up to date")
         return 0
     for name, rows in files.items():
