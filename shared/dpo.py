@@ -1,4 +1,4 @@
-"""Direct Preference Optimization (Rafailov et al., 2023): preferences without a reward model.
+"""Direct Preference Optimization (Rafailov et al., 2023): no reward model needed.
 
 For a prompt x with a chosen response y_w and a rejected one y_l, the policy pi and a
 frozen reference pi_ref (the SFT model) give each response an *implicit reward*
@@ -11,8 +11,10 @@ reference. Sequences are built as in ``shared.sft`` (prompt masked with -100,
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,7 @@ def dpo_loss(
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> list[EncodedPair]:
-    """Each pair as (chosen, rejected) ``(ids, labels)``, prompt tokens labelled -100."""
+    """Each pair as (chosen, rejected) ``(ids, labels)``, the prompt labelled -100."""
     out = []
     for p in pairs:
         prompt = format_prompt(p.instruction, p.input)
@@ -164,7 +166,8 @@ def preference_metrics(
     ctx, pad = model.config.context_length, _pad_of(encoded)
     chosen, rejected = [], []
     for i in range(0, len(encoded), batch_size):
-        c, r = _forward_pairs(model, collate_pairs(encoded[i : i + batch_size], pad, ctx))
+        batch = collate_pairs(encoded[i : i + batch_size], pad, ctx)
+        c, r = _forward_pairs(model, batch)
         chosen.append(c.cpu())
         rejected.append(r.cpu())
     model.train(was_training)
@@ -177,3 +180,107 @@ def preference_metrics(
         "logprob_accuracy": float((chosen > rejected).float().mean()),
     }
 
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Switch off the progress bars of ``datasets`` and ``transformers`` for a block."""
+    import datasets
+    from transformers.utils import logging
+
+    was_on = datasets.is_progress_bar_enabled(), logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on[0]:
+            datasets.enable_progress_bars()
+        if was_on[1]:
+            logging.enable_progress_bar()
+
+
+def trl_dpo_train(
+    hf_dir: str | Path,
+    pairs: Sequence[Pair],
+    beta: float = 0.1,
+    steps: int = 100,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    min_lr: float | None = None,
+    warmup_steps: int = 0,
+) -> list[dict]:
+    """DPO with Hugging Face TRL's ``DPOTrainer`` on the course's pairs; step records.
+
+    Starts from an exported folder (``shared.export.export_hf``); the reference is a
+    second, frozen copy of the same weights. Prompts, chosen and rejected responses
+    are the course's strings, and TRL turns them into the token ids ``encode_pairs``
+    makes (tested). Returns one record per step: ``step``, ``loss``, ``reward_*``
+    (as ``dpo_step`` logs them), ``lr`` and ``grad_norm``. With ``out_dir`` the
+    trained model is saved there as a Hugging Face folder.
+
+    The optimizer is set as ``train_on_batches`` with ``TrainConfig(lr, min_lr
+    (default lr / 10), warmup_steps, weight_decay=0.0, betas=(0.9, 0.99),
+    grad_clip=1.0)``: AdamW (torch's), cosine to ``min_lr`` (TRL's default is a
+    linear decay to 0, beta2 0.999 and bf16). What still differs from the course:
+
+    * the schedule is exact without warmup; with warmup, Hugging Face's decay runs
+      one step ahead of ``lr_at`` (its warmup is the same);
+    * batches: the same pairs per epoch, last partial batch dropped, but drawn by a
+      seeded torch sampler, not ``random.Random(seed)``: another order;
+    * the reference runs a forward pass every step (the course computes its
+      log-probs once): the same numbers up to float rounding;
+    * TRL switches dropout off in the policy (the course trains with it; the
+      shipped models have none) and computes log-probs in tiles (float rounding);
+    * sequences are cut to the model's context (the course takes one token more,
+      a target only, and refuses longer ones; its longest pair has 127 tokens).
+    """
+    import tempfile
+
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from shared.device import get_device
+
+    if len(pairs) < batch_size:
+        raise ValueError(f"{len(pairs)} pairs cannot fill one batch of {batch_size}")
+    rows = [{"prompt": format_prompt(p.instruction, p.input), "chosen": p.chosen,
+             "rejected": p.rejected} for p in pairs]  # fmt: skip
+    # the records are the output: no progress bars, no printed log lines
+    with _no_progress_bars(), tempfile.TemporaryDirectory() as scratch:
+        policy = AutoModelForCausalLM.from_pretrained(hf_dir)
+        args = DPOConfig(
+            output_dir=str(out_dir or scratch), max_steps=steps, learning_rate=lr,
+            per_device_train_batch_size=batch_size, beta=beta, seed=seed,
+            # the course's optimizer: AdamW, cosine to min_lr, clipping at 1
+            optim="adamw_torch", adam_beta2=0.99, weight_decay=0.0, max_grad_norm=1.0,
+            lr_scheduler_type=("cosine_warmup_with_min_lr" if warmup_steps
+                               else "cosine_with_min_lr"),
+            lr_scheduler_kwargs={"min_lr": lr / 10 if min_lr is None else min_lr},
+            warmup_steps=warmup_steps, dataloader_drop_last=True,
+            max_length=policy.config.max_position_embeddings,
+            # TRL's defaults are for big models on GPUs: bf16, gradient checkpointing
+            bf16=False, gradient_checkpointing=False,
+            use_cpu=get_device().type == "cpu", dataloader_num_workers=0,
+            logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        )  # fmt: skip
+        trainer = DPOTrainer(
+            model=policy, ref_model=AutoModelForCausalLM.from_pretrained(hf_dir),
+            args=args, train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=AutoTokenizer.from_pretrained(hf_dir),
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        if out_dir is not None:
+            trainer.save_model(str(out_dir))
+    names = {"loss": "loss", "reward_margin": "rewards/margins",
+             "reward_accuracy": "rewards/accuracies", "reward_chosen": "rewards/chosen",
+             "reward_rejected": "rewards/rejected", "lr": "learning_rate",
+             "grad_norm": "grad_norm"}  # fmt: skip
+    return [
+        {"step": h["step"], **{k: float(h[v]) for k, v in names.items()}}
+        for h in trainer.state.log_history
+        if "rewards/margins" in h
+    ]
