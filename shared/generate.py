@@ -133,7 +133,11 @@ def generate(
             idx = torch.cat([idx, token], dim=1)
             if attention_mask is not None:
                 attention_mask = torch.cat(
-                    [attention_mask, torch.ones_like(token, dtype=attention_mask.dtype)], 1
+                    [
+                        attention_mask,
+                        torch.ones_like(token, dtype=attention_mask.dtype),
+                    ],
+                    1,
                 )
             if eos_id is not None and bool(done.all()):
                 break

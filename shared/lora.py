@@ -130,7 +130,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_peft_adapter(
-    model: nn.Module, out_dir: str | Path, base_model: str = "", extra: dict | None = None
+    model: nn.Module,
+    out_dir: str | Path,
+    base_model: str = "",
+    extra: dict | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT does.
 

@@ -7,6 +7,7 @@ in ``data/models/shakespeare-laptop/`` (weights, tokenizer, config + measured re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,36 @@ def recipe(name: str = "laptop") -> Recipe:
     raise ValueError(f"unknown recipe {name!r}; choose 'laptop' or 'gpu'")
 
 
+@dataclass
+class FinetuneRecipe:
+    """Chapter 07's settings: full SFT, LoRA on the same data, DPO after SFT."""
+
+    sft: TrainConfig
+    lora: TrainConfig
+    lora_r: int
+    lora_alpha: float
+    lora_targets: tuple[str, ...]
+    dpo: TrainConfig
+    beta: float
+
+
+def finetune_recipe(name: str = "laptop") -> FinetuneRecipe:
+    """The fine-tuning recipes behind the shipped SFT, LoRA and DPO models."""
+    if name != "laptop":
+        raise ValueError(f"unknown fine-tuning recipe {name!r}; choose 'laptop'")
+    sft = TrainConfig(
+        max_steps=2000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=50,
+        weight_decay=0.0, eval_interval=250, log_interval=50, seed=0,
+    )  # fmt: skip
+    # LoRA trains 4% of the weights: a larger learning rate, the same steps and data
+    lora = dataclasses.replace(sft, lr=5e-3, min_lr=5e-4)
+    dpo = TrainConfig(
+        max_steps=400, batch_size=16, lr=5e-5, min_lr=5e-6, warmup_steps=20,
+        weight_decay=0.0, eval_interval=50, log_interval=10, seed=0,
+    )  # fmt: skip
+    return FinetuneRecipe(sft, lora, 16, 32.0, ("c_attn", "c_proj", "c_fc"), dpo, 0.1)
+
+
 def shakespeare_splits(tokenizer) -> dict:
     """Tiny Shakespeare split by character position (last 10% validates), encoded.
 
@@ -88,22 +119,41 @@ def shakespeare_splits(tokenizer) -> dict:
     }
 
 
-def load_course_model(
-    device: str | torch.device | None = None, path: str | Path | None = None
-) -> tuple[GPT, object, dict]:
-    """The shipped laptop model: ``(model in eval mode, tokenizer, info)``.
+MODELS_DIR = REPO_ROOT / "data" / "models"
+# the models the course ships: chapter 04 pretrains "base", chapter 07 fine-tunes it
+COURSE_MODELS = {
+    "base": "shakespeare-laptop",
+    "sft": "shakespeare-sft",  # full supervised fine-tuning on the instruction tasks
+    "lora": "shakespeare-lora",  # a LoRA adapter (PEFT format) on "base"
+    "dpo": "shakespeare-dpo",  # "sft" after DPO on the preference pairs
+}
 
-    ``info`` is its ``config.json``: model and training config plus the measured
-    results (validation bits/char, tokens, FLOPs, wall time, machine).
+
+def load_course_model(
+    device: str | torch.device | None = None,
+    path: str | Path | None = None,
+    name: str = "base",
+) -> tuple[GPT, object, dict]:
+    """A shipped course model: ``(model in eval mode, tokenizer, info)``.
+
+    ``name`` is one of ``COURSE_MODELS`` ("base", "sft", "lora", "dpo"); ``path``
+    overrides the folder. ``info`` is its ``config.json`` (``course.json`` for the
+    LoRA adapter): model and training config plus the measured results. The LoRA
+    model comes back with its adapter unmerged (``shared.lora.merge_lora`` folds it).
     """
     from shared.device import get_device
     from shared.tokenizer import BPETokenizer
 
-    path = Path(path) if path is not None else LAPTOP_MODEL_DIR
+    if name not in COURSE_MODELS:
+        raise ValueError(f"unknown course model {name!r}; one of {list(COURSE_MODELS)}")
+    path = Path(path) if path is not None else MODELS_DIR / COURSE_MODELS[name]
+    if (path / "adapter_config.json").exists():
+        return _load_adapter_model(path, device)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"no course model at {path}: run chapters/04_pretraining/"
-            "train_shakespeare.py to train it"
+            "train_shakespeare.py (base) or chapters/07_finetuning_dpo/"
+            "train_finetuned.py (sft, lora, dpo) to train it"
         )
     info = json.loads((path / "config.json").read_text())
     model = GPT(GPTConfig(**info["model_config"]))
@@ -120,6 +170,33 @@ def load_course_model(
     model.to(get_device(device) if not isinstance(device, torch.device) else device)
     model.eval()
     return model, tokenizer, info
+
+
+def _load_adapter_model(path: Path, device) -> tuple[GPT, object, dict]:
+    from shared.lora import load_peft_adapter
+
+    info = json.loads((path / "course.json").read_text())
+    model, tokenizer, _ = load_course_model(device, path=path / info["base"])
+    load_peft_adapter(model, path)  # adapters are made on the base weights' device
+    model.eval()
+    return model, tokenizer, info
+
+
+def save_course_model(model: GPT, tokenizer, folder: str | Path, info: dict) -> Path:
+    """Write ``model.safetensors``, ``tokenizer.json`` and ``config.json`` (``info``
+    with the model's config added) so ``load_course_model(path=folder)`` loads it."""
+    from safetensors.torch import save_model
+
+    from shared.checkpoint import config_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / "model.safetensors"))
+    tokenizer.save(folder / "tokenizer.json")
+    info = {**info, "tokenizer_file": "tokenizer.json",
+            "model_config": config_dict(model.config)}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(info, indent=1) + "\n")
+    return folder
 
 
 def as_ids(array) -> np.ndarray:

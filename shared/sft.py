@@ -172,7 +172,7 @@ def answers(
             model, idx.to(device), n_new, temperature=0.0, eos_id=eos,
             attention_mask=mask.to(device),
         )  # fmt: skip
-        for i, ids in zip(rows, result[:, T:].tolist()):
+        for i, ids in zip(rows, result[:, T:].tolist(), strict=True):
             out[i] = tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
     return out
 
@@ -189,7 +189,7 @@ def task_accuracy(
     budgets = [len(tokenizer.encode(e.output)) + 1 + slack for e in examples]
     responses = answers(model, tokenizer, prompts, budgets)
     hits: dict[str, list[bool]] = {}
-    for e, r in zip(examples, responses):
+    for e, r in zip(examples, responses, strict=True):
         hits.setdefault(e.task, []).append(check_answer(e, r))
     acc = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
     acc["all"] = sum(sum(h) for h in hits.values()) / len(examples)

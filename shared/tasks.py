@@ -100,7 +100,9 @@ def _match_case(word: str, like: str) -> str:
 def _substitute(line: str, table: dict[str, str]) -> str:
     """Replace the keys of ``table`` (one or two words, longest first) in ``line``."""
     keys = sorted(table, key=lambda k: -len(k.split()))
-    pattern = r"(?<![A-Za-z'])(" + "|".join(re.escape(k) for k in keys) + r")(?![A-Za-z'])"
+    pattern = (
+        r"(?<![A-Za-z'])(" + "|".join(re.escape(k) for k in keys) + r")(?![A-Za-z'])"
+    )
 
     def swap(m: re.Match) -> str:
         return _match_case(table[m.group(0).lower()], m.group(0))
@@ -205,7 +207,9 @@ def make_pairs(
             del words[rng.randrange(len(words))]
             rejected = " ".join(words)
         pairs.append(
-            Pair(ex.task, kind, ex.instruction, ex.input, ex.output, rejected, ex.source)
+            Pair(
+                ex.task, kind, ex.instruction, ex.input, ex.output, rejected, ex.source
+            )
         )
     return pairs
 

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from shared import dpo, lora, sft, tasks
+from shared.data import REPO_ROOT as REPO
 from shared.generate import generate
 from shared.model import GPT, GPTConfig
-from shared.data import REPO_ROOT as REPO
 from shared.pretrained import load_course_model
 
 
@@ -70,7 +69,9 @@ def test_every_answer_checks_and_every_rejection_fails():
                      "off_format"}  # fmt: skip
     for p in pairs:
         ex = tasks.Example(p.task, p.instruction, p.input, p.chosen, p.source)
-        assert tasks.check_answer(ex, p.chosen) and not tasks.check_answer(ex, p.rejected)
+        assert tasks.check_answer(ex, p.chosen) and not tasks.check_answer(
+            ex, p.rejected
+        )
 
 
 def test_task_answers_are_right():
@@ -162,7 +163,7 @@ def test_left_padded_answers_equal_one_by_one(course):
     prompts = [sft.format_prompt(e.instruction, e.input)
                for e in tasks.load_examples("test")[:6]]  # fmt: skip
     together = sft.answers(model, tok, prompts, 8)
-    for prompt, answer in zip(prompts, together):
+    for prompt, answer in zip(prompts, together, strict=True):
         idx = torch.tensor([tok.encode(prompt)])
         out = generate(model, idx, 8, temperature=0.0, eos_id=sft.eos_id(tok))
         ids = out[0, idx.size(1) :].tolist()
@@ -226,9 +227,7 @@ def test_peft_format_round_trip(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(idx), model(idx), atol=0, rtol=0)
     with pytest.raises(ValueError, match="does not fit"):
-        lora.load_peft_adapter(
-            GPT(GPTConfig(1024, 128, 1, 2, 32)).eval(), tmp_path
-        )
+        lora.load_peft_adapter(GPT(GPTConfig(1024, 128, 1, 2, 32)).eval(), tmp_path)
 
 
 def test_apply_lora_refuses_unknown_targets(tiny):
@@ -248,8 +247,8 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
 
 def test_dpo_loss_matches_a_hand_computation():
     # policy moved +2 nats on chosen, -1 on rejected; beta 0.5: margin 0.5*(2+1)=1.5
-    loss, r_w, r_l = dpo.dpo_loss(torch.tensor([-8.0]), torch.tensor([-11.0]),
-                                  torch.tensor([-10.0]), torch.tensor([-10.0]), 0.5)  # fmt: skip
+    pi_w, pi_l, ref = torch.tensor([-8.0]), torch.tensor([-11.0]), torch.tensor([-10.0])
+    loss, r_w, r_l = dpo.dpo_loss(pi_w, pi_l, ref, ref, 0.5)
     assert math.isclose(float(loss), math.log(1 + math.exp(-1.5)), rel_tol=1e-6)
     assert float(r_w) == 1.0 and float(r_l) == -0.5
 
@@ -257,7 +256,7 @@ def test_dpo_loss_matches_a_hand_computation():
 def test_sequence_logprobs_sum_only_response_tokens(course):
     model, tok = course
     pair = tasks.load_pairs("test")[0]
-    (chosen, _), = dpo.encode_pairs(tok, [pair])
+    ((chosen, _),) = dpo.encode_pairs(tok, [pair])
     batch = sft.collate([chosen], sft.eos_id(tok), 128)
     with torch.no_grad():
         got = dpo.sequence_logprobs(model, batch["input_ids"], batch["targets"])

@@ -43,7 +43,8 @@ def summary(files: dict[str, list]) -> dict:
     """Counts by task (and by rejection kind for the pairs)."""
     out = {}
     for name, rows in files.items():
-        entry = {"rows": len(rows), "by_task": dict(sorted(tasks.task_counts(rows).items()))}
+        by_task = dict(sorted(tasks.task_counts(rows).items()))
+        entry = {"rows": len(rows), "by_task": by_task}
         if rows and hasattr(rows[0], "kind"):
             kinds: dict[str, int] = {}
             for r in rows:

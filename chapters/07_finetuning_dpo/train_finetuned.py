@@ -1,0 +1,206 @@
+"""Train and ship chapter 07's models: SFT, LoRA and DPO, from the shipped base model.
+
+  python chapters/07_finetuning_dpo/train_finetuned.py sft       # -> shakespeare-sft
+  python chapters/07_finetuning_dpo/train_finetuned.py unmasked  # the masking control
+  python chapters/07_finetuning_dpo/train_finetuned.py lora      # -> shakespeare-lora
+  python chapters/07_finetuning_dpo/train_finetuned.py dpo       # -> shakespeare-dpo
+
+Recipes: ``shared.pretrained.finetune_recipe()``. Each run writes its history and
+measured results to ``chapters/07_finetuning_dpo/results/<run>.json`` (read by the
+notebook) and ships its model to ``data/models/`` (``unmasked`` ships nothing).
+``dpo`` starts from the shipped SFT model, so run ``sft`` first. One thread, seeded:
+a rerun gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from shared import dpo, lora, sft, tasks
+from shared.pretrained import (
+    COURSE_MODELS,
+    MODELS_DIR,
+    finetune_recipe,
+    load_course_model,
+    save_course_model,
+)
+from shared.train import TrainConfig, train_on_batches
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ACCURACY_EVERY = 500  # task accuracy (generation) is slower than a loss
+
+
+def machine() -> dict:
+    """Where the numbers were measured."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch threads": torch.get_num_threads(),
+        "cpu cores": os.cpu_count(),
+        "load average at end": os.getloadavg(),
+    }
+
+
+def sft_evaluator(tokenizer, test: list, accuracy_every: int = ACCURACY_EVERY):
+    """Held-out response loss at every evaluation, task accuracy every so often."""
+
+    def evaluate(step: int, model) -> dict:
+        rec = {"response_loss": sft.response_loss(model, tokenizer, test)}
+        if step % accuracy_every == 0:
+            rec["accuracy"], _ = sft.task_accuracy(model, tokenizer, test)
+        return rec
+
+    return evaluate
+
+
+def run_sft(
+    model, tokenizer, cfg: TrainConfig, mask_prompt: bool = True, progress: bool = True
+) -> dict:
+    """Fine-tune ``model`` in place on the instruction set; returns the history."""
+    train, test = tasks.load_examples("train"), tasks.load_examples("test")
+    encoded = sft.encode_examples(tokenizer, train, mask_prompt=mask_prompt)
+    batches = sft.batches(encoded, cfg.batch_size, sft.eos_id(tokenizer),
+                          model.config.context_length, seed=cfg.seed)  # fmt: skip
+    return train_on_batches(model, batches, sft.sft_loss, cfg,
+                            evaluate=sft_evaluator(tokenizer, test),
+                            progress=progress)  # fmt: skip
+
+
+def summarise(history: dict, model, tokenizer, wall_s: float) -> dict:
+    """Final held-out numbers and timings of a run."""
+    test = tasks.load_examples("test")
+    accuracy, responses = sft.task_accuracy(model, tokenizer, test)
+    steps = sorted(r["step_s"] for r in history["train"])
+    return {
+        "accuracy": accuracy,
+        "n_test": len(test),
+        "response_loss": sft.response_loss(model, tokenizer, test),
+        "train_wall_s": wall_s,
+        "step_s_median": steps[len(steps) // 2],
+        "trainable_params": lora.trainable_parameters(model),
+        "samples": [
+            {"task": e.task, "input": e.input, "answer": e.output, "response": r}
+            for e, r in list(zip(test, responses, strict=True))[:20]
+        ],
+    }
+
+
+def write_results(name: str, record: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {RESULTS / name}.json")
+
+
+def cmd_sft(mask_prompt: bool) -> None:
+    recipe = finetune_recipe()
+    model, tokenizer, base_info = load_course_model("cpu")
+    model.train()
+    t0 = time.perf_counter()
+    history = run_sft(model, tokenizer, recipe.sft, mask_prompt)
+    results = summarise(history, model, tokenizer, time.perf_counter() - t0)
+    results["machine"] = machine()
+    name = "sft" if mask_prompt else "sft_unmasked"
+    write_results(name, {"config": recipe.sft.to_dict(), "mask_prompt": mask_prompt,
+                         "history": history, "results": results})  # fmt: skip
+    if mask_prompt:
+        info = {
+            "name": COURSE_MODELS["sft"],
+            "description": "The course's Shakespeare model after supervised "
+            "fine-tuning on data/finetune/instructions-train.jsonl (prompt tokens "
+            "masked); chapter 07.",
+            "base": COURSE_MODELS["base"],
+            "base_results": base_info["results"],
+            "train_config": recipe.sft.to_dict(),
+            "results": {k: v for k, v in results.items() if k != "samples"},
+        }
+        save_course_model(model, tokenizer, MODELS_DIR / COURSE_MODELS["sft"], info)
+
+
+def cmd_lora() -> None:
+    recipe = finetune_recipe()
+    model, tokenizer, _ = load_course_model("cpu")
+    lora.apply_lora(model, recipe.lora_r, recipe.lora_alpha, recipe.lora_targets)
+    model.train()
+    t0 = time.perf_counter()
+    history = run_sft(model, tokenizer, recipe.lora, mask_prompt=True)
+    results = summarise(history, model, tokenizer, time.perf_counter() - t0)
+    results["machine"] = machine()
+    write_results("lora", {"config": recipe.lora.to_dict(), "history": history,
+                           "lora": model.lora_config, "results": results})  # fmt: skip
+    info = {
+        "name": COURSE_MODELS["lora"],
+        "description": "A LoRA adapter (PEFT format) on the course's Shakespeare "
+        "model, trained on the same instruction data and budget as the SFT model.",
+        "base": f"../{COURSE_MODELS['base']}",
+        "train_config": recipe.lora.to_dict(),
+        "results": {k: v for k, v in results.items() if k != "samples"},
+    }
+    folder = MODELS_DIR / COURSE_MODELS["lora"]
+    lora.save_peft_adapter(model, folder, base_model=info["base"], extra=info)
+
+
+def dpo_run(policy, tokenizer, cfg: TrainConfig, beta: float, progress: bool = True):
+    """DPO on the committed pairs against a frozen copy of ``policy``; history."""
+    reference = copy.deepcopy(policy).eval()
+    train = dpo.encode_pairs(tokenizer, tasks.load_pairs("train"))
+    test = dpo.encode_pairs(tokenizer, tasks.load_pairs("test"))
+    ref_train = dpo.reference_logprobs(reference, train)
+    ref_test = dpo.reference_logprobs(reference, test)
+    batches = dpo.pair_batches(train, ref_train, cfg.batch_size,
+                               policy.config.context_length, seed=cfg.seed)  # fmt: skip
+
+    def evaluate(step: int, model) -> dict:
+        return dpo.preference_metrics(model, test, ref_test, beta)
+
+    return train_on_batches(policy, batches, dpo.dpo_step(beta), cfg,
+                            evaluate=evaluate, progress=progress)  # fmt: skip
+
+
+def cmd_dpo() -> None:
+    recipe = finetune_recipe()
+    model, tokenizer, sft_info = load_course_model("cpu", name="sft")
+    before = sft.task_accuracy(model, tokenizer, tasks.load_examples("test"))[0]
+    model.train()
+    t0 = time.perf_counter()
+    history = dpo_run(model, tokenizer, recipe.dpo, recipe.beta)
+    results = summarise(history, model, tokenizer, time.perf_counter() - t0)
+    results.update(
+        accuracy_before=before,
+        preference=history["eval"][-1],
+        preference_before=history["eval"][0],
+        machine=machine(),
+    )
+    write_results("dpo", {"config": recipe.dpo.to_dict(), "beta": recipe.beta,
+                          "history": history, "results": results})  # fmt: skip
+    info = {
+        "name": COURSE_MODELS["dpo"],
+        "description": "The course's SFT model after DPO on data/finetune/"
+        "preferences-train.jsonl (reference: the SFT model); chapter 07.",
+        "base": COURSE_MODELS["sft"],
+        "beta": recipe.beta,
+        "train_config": recipe.dpo.to_dict(),
+        "results": {k: v for k, v in results.items() if k != "samples"},
+    }
+    save_course_model(model, tokenizer, MODELS_DIR / COURSE_MODELS["dpo"], info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", choices=["sft", "unmasked", "lora", "dpo"])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # reproducible, and two runs can share two cores
+    {"sft": lambda: cmd_sft(True), "unmasked": lambda: cmd_sft(False),
+     "lora": cmd_lora, "dpo": cmd_dpo}[args.run]()  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
