@@ -128,19 +128,31 @@ def pair_batches(
             yield batch
 
 
-def dpo_step(beta: float):
-    """A ``loss_fn(model, batch)`` for ``shared.train.train_on_batches``."""
+def dpo_step(beta: float, sft_weight: float = 0.0):
+    """A ``loss_fn(model, batch)`` for ``shared.train.train_on_batches``.
+
+    ``sft_weight`` > 0 adds that much of the SFT loss on the chosen answers (their
+    mean negative log-likelihood per token), which keeps DPO from lowering the
+    probability of good answers along with bad ones (Pang et al., 2024, "RPO"; TRL:
+    ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, sft_weight]``).
+    """
 
     def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         chosen, rejected = _forward_pairs(model, batch)
         ref = batch["ref_logps"].to(chosen.device)
         loss, r_w, r_l = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)
         metrics = {
+            "dpo_loss": loss.detach(),
             "reward_chosen": r_w.mean(),
             "reward_rejected": r_l.mean(),
             "reward_margin": (r_w - r_l).mean(),
             "reward_accuracy": (r_w > r_l).float().mean(),
         }
+        if sft_weight:
+            n_chosen = (batch["targets"][: chosen.size(0)] != IGNORE).sum()
+            nll = -chosen.sum() / n_chosen.to(chosen.device)
+            loss = loss + sft_weight * nll
+            metrics["chosen_nll"] = nll.detach()
         return loss, metrics
 
     return loss_fn

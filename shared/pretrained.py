@@ -94,7 +94,7 @@ def finetune_recipe(name: str = "laptop") -> FinetuneRecipe:
     # LoRA trains 4% of the weights: a larger learning rate, the same steps and data
     lora = dataclasses.replace(sft, lr=5e-3, min_lr=5e-4)
     dpo = TrainConfig(
-        max_steps=400, batch_size=16, lr=5e-5, min_lr=5e-6, warmup_steps=20,
+        max_steps=400, batch_size=16, lr=2e-4, min_lr=2e-5, warmup_steps=20,
         weight_decay=0.0, eval_interval=50, log_interval=10, seed=0,
     )  # fmt: skip
     return FinetuneRecipe(sft, lora, 16, 32.0, ("c_attn", "c_proj", "c_fc"), dpo, 0.1)

@@ -287,3 +287,49 @@ def test_dpo_gradient_pushes_margin_up(course):
     with torch.no_grad():
         loss1, m1 = step(policy, batch)
     assert float(loss1) < float(loss0) and float(m1["reward_margin"]) > 0
+
+
+# --- the fine-tuning loop and the shipped models
+
+
+def test_train_on_batches_learns_and_trains_only_the_adapter(course):
+    import copy
+
+    from shared.train import TrainConfig, train_on_batches
+
+    model, tok = course
+    model = lora.apply_lora(copy.deepcopy(model), r=4, alpha=8)
+    frozen = model.transformer.wte.weight.detach().clone()
+    examples = tasks.load_examples("train")[:32]
+    batches = sft.batches(sft.encode_examples(tok, examples), 8, sft.eos_id(tok), 128)
+    cfg = TrainConfig(max_steps=12, batch_size=8, lr=5e-3, min_lr=5e-4,
+                      warmup_steps=2, eval_interval=6, log_interval=4)  # fmt: skip
+    calls = []
+
+    def evaluate(step, m):
+        calls.append((step, m.training))
+        return {"response_loss": sft.response_loss(m, tok, examples)}
+
+    h = train_on_batches(model, batches, sft.sft_loss, cfg, evaluate=evaluate,
+                         progress=False)  # fmt: skip
+    assert [s for s, _ in calls] == [0, 6, 12] and not any(t for _, t in calls)
+    assert len(h["train"]) == 12 and all(r["step_s"] > 0 for r in h["train"])
+    assert h["eval"][-1]["response_loss"] < h["eval"][0]["response_loss"]
+    assert torch.equal(model.transformer.wte.weight, frozen)
+
+
+@pytest.mark.parametrize("name", ["sft", "lora", "dpo"])
+def test_shipped_finetuned_models_load_and_answer(name, course):
+    base, tok = course
+    model, tok2, info = load_course_model("cpu", name=name)
+    assert tok2.fingerprint() == tok.fingerprint()
+    assert bool(lora.lora_layers(model)) == (name == "lora")
+    assert info["results"]["accuracy"]["all"] > 0.2  # the base model scores 0
+    examples = [e for e in tasks.load_examples("test") if e.task == "repeat"][:16]
+    acc, _ = sft.task_accuracy(model, tok, examples)
+    assert acc["all"] > 0.2, acc
+
+
+def test_load_course_model_refuses_unknown_names():
+    with pytest.raises(ValueError, match="unknown course model"):
+        load_course_model("cpu", name="rlhf")
