@@ -222,6 +222,7 @@ def trl_dpo_train(
     out_dir: str | Path | None = None,
     min_lr: float | None = None,
     warmup_steps: int = 0,
+    sft_weight: float = 0.0,
 ) -> list[dict]:
     """DPO with Hugging Face TRL's ``DPOTrainer`` on the course's pairs; step records.
 
@@ -230,7 +231,10 @@ def trl_dpo_train(
     are the course's strings, and TRL turns them into the token ids ``encode_pairs``
     makes (tested). Returns one record per step: ``step``, ``loss``, ``reward_*``
     (as ``dpo_step`` logs them), ``lr`` and ``grad_norm``. With ``out_dir`` the
-    trained model is saved there as a Hugging Face folder.
+    trained model is saved there as a Hugging Face folder. ``sft_weight`` > 0 adds
+    the SFT loss on the chosen answers as ``dpo_step`` does (TRL's
+    ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, sft_weight]``; ``loss``
+    is then the weighted sum).
 
     The optimizer is set as ``train_on_batches`` with ``TrainConfig(lr, min_lr
     (default lr / 10), warmup_steps, weight_decay=0.0, betas=(0.9, 0.99),
@@ -272,6 +276,8 @@ def trl_dpo_train(
                                else "cosine_with_min_lr"),
             lr_scheduler_kwargs={"min_lr": lr / 10 if min_lr is None else min_lr},
             warmup_steps=warmup_steps, dataloader_drop_last=True,
+            **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]}
+               if sft_weight else {}),
             max_length=policy.config.max_position_embeddings,
             # TRL's defaults are for big models on GPUs: bf16, gradient checkpointing
             bf16=False, gradient_checkpointing=False,

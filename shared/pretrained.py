@@ -81,6 +81,7 @@ class FinetuneRecipe:
     lora_targets: tuple[str, ...]
     dpo: TrainConfig
     beta: float
+    dpo_sft_weight: float  # the NLL term on chosen answers (0: plain DPO)
 
 
 def finetune_recipe(name: str = "laptop") -> FinetuneRecipe:
@@ -97,7 +98,10 @@ def finetune_recipe(name: str = "laptop") -> FinetuneRecipe:
         max_steps=400, batch_size=16, lr=2e-4, min_lr=2e-5, warmup_steps=20,
         weight_decay=0.0, eval_interval=50, log_interval=10, seed=0,
     )  # fmt: skip
-    return FinetuneRecipe(sft, lora, 16, 32.0, ("c_attn", "c_proj", "c_fc"), dpo, 0.1)
+    targets = ("c_attn", "c_proj", "c_fc")
+    return FinetuneRecipe(
+        sft, lora, 16, 32.0, targets, dpo, beta=0.1, dpo_sft_weight=1.0
+    )
 
 
 def shakespeare_splits(tokenizer) -> dict:

@@ -80,23 +80,26 @@ def test_peft_applies_the_course_lora_adapter(course, base_dir, tmp_path, caplog
 # --- TRL's DPO
 
 
-def _dpo_trainer(policy_dir, ref_dir, pairs, output_dir):
-    """A TRL DPOTrainer (CPU, float32) on the course's pairs; its dataset tokenized."""
+def _dpo_trainer(policy_dir, ref_dir, pairs, output_dir, **config):
+    """A TRL DPOTrainer (CPU, float32) on the course's pairs; its dataset tokenized.
+
+    ``config`` adds to or overrides the ``DPOConfig`` arguments.
+    """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     rows = [{"prompt": sft.format_prompt(p.instruction, p.input), "chosen": p.chosen,
              "rejected": p.rejected} for p in pairs]  # fmt: skip
-    args = DPOConfig(
+    args = dict(
         output_dir=str(output_dir), beta=0.1, max_length=128, bf16=False,
         gradient_checkpointing=False, use_cpu=True, report_to="none",
         save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+    ) | config  # fmt: skip
     return DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(policy_dir),
         ref_model=AutoModelForCausalLM.from_pretrained(ref_dir),
-        args=args, train_dataset=Dataset.from_list(rows),
+        args=DPOConfig(**args), train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(ref_dir),
     )  # fmt: skip
 
@@ -161,6 +164,26 @@ def test_trl_dpo_loss_and_rewards_equal_the_course(course, trl_setup):
     assert math.isclose(metrics["rewards/rejected"], float(r_l.mean()), abs_tol=1e-5)
     margin = float((r_w - r_l).mean())
     assert math.isclose(metrics["rewards/margins"], margin, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5, 1.0])
+def test_trl_sigmoid_plus_sft_loss_equals_dpo_step(
+    course, base_dir, trl_setup, tmp_path, sft_weight
+):
+    """``dpo_step(beta, sft_weight)`` is TRL's ``loss_type=["sigmoid", "sft"]``."""
+    model, tok = course
+    policy, pairs, trainer = trl_setup
+    encoded = dpo.encode_pairs(tok, pairs[:8])
+    batch = dpo.collate_pairs(encoded, sft.eos_id(tok), 128)
+    batch["ref_logps"] = dpo.reference_logprobs(model, encoded)
+    with torch.no_grad():
+        ours = float(dpo.dpo_step(0.1, sft_weight)(policy, batch)[0])
+    sft_trainer = _dpo_trainer(
+        base_dir, base_dir, pairs[:8], tmp_path,
+        loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight],
+    )  # fmt: skip
+    theirs, _ = _trl_loss(sft_trainer, trainer.model)  # the moved policy
+    assert math.isclose(theirs, ours, abs_tol=1e-5)
 
 
 def test_trl_dpo_loss_is_log2_at_the_reference(course, base_dir, tmp_path):

@@ -4,6 +4,7 @@
   python chapters/07_finetuning_dpo/train_finetuned.py unmasked  # the masking control
   python chapters/07_finetuning_dpo/train_finetuned.py lora      # -> shakespeare-lora
   python chapters/07_finetuning_dpo/train_finetuned.py dpo       # -> shakespeare-dpo
+  python chapters/07_finetuning_dpo/train_finetuned.py dpo_plain # without the NLL term
 
 Recipes: ``shared.pretrained.finetune_recipe()``. Each run writes its history and
 measured results to ``chapters/07_finetuning_dpo/results/<run>.json`` (read by the
@@ -148,7 +149,14 @@ def cmd_lora() -> None:
     lora.save_peft_adapter(model, folder, base_model=info["base"], extra=info)
 
 
-def dpo_run(policy, tokenizer, cfg: TrainConfig, beta: float, progress: bool = True):
+def dpo_run(
+    policy,
+    tokenizer,
+    cfg: TrainConfig,
+    beta: float,
+    sft_weight: float = 0.0,
+    progress: bool = True,
+):
     """DPO on the committed pairs against a frozen copy of ``policy``; history."""
     reference = copy.deepcopy(policy).eval()
     train = dpo.encode_pairs(tokenizer, tasks.load_pairs("train"))
@@ -161,17 +169,18 @@ def dpo_run(policy, tokenizer, cfg: TrainConfig, beta: float, progress: bool = T
     def evaluate(step: int, model) -> dict:
         return dpo.preference_metrics(model, test, ref_test, beta)
 
-    return train_on_batches(policy, batches, dpo.dpo_step(beta), cfg,
+    return train_on_batches(policy, batches, dpo.dpo_step(beta, sft_weight), cfg,
                             evaluate=evaluate, progress=progress)  # fmt: skip
 
 
-def cmd_dpo() -> None:
+def cmd_dpo(plain: bool = False) -> None:
     recipe = finetune_recipe()
     model, tokenizer, sft_info = load_course_model("cpu", name="sft")
     before = sft.task_accuracy(model, tokenizer, tasks.load_examples("test"))[0]
     model.train()
     t0 = time.perf_counter()
-    history = dpo_run(model, tokenizer, recipe.dpo, recipe.beta)
+    weight = recipe.dpo_sft_weight if not plain else 0.0
+    history = dpo_run(model, tokenizer, recipe.dpo, recipe.beta, weight)
     results = summarise(history, model, tokenizer, time.perf_counter() - t0)
     results.update(
         accuracy_before=before,
@@ -179,14 +188,19 @@ def cmd_dpo() -> None:
         preference_before=history["eval"][0],
         machine=machine(),
     )
-    write_results("dpo", {"config": recipe.dpo.to_dict(), "beta": recipe.beta,
+    name = "dpo_no_sft_term" if plain else "dpo"
+    write_results(name, {"config": recipe.dpo.to_dict(), "beta": recipe.beta,
+                         "sft_weight": weight,
                           "history": history, "results": results})  # fmt: skip
+    if plain:
+        return  # the comparison run ships nothing
     info = {
         "name": COURSE_MODELS["dpo"],
         "description": "The course's SFT model after DPO on data/finetune/"
         "preferences-train.jsonl (reference: the SFT model); chapter 07.",
         "base": COURSE_MODELS["sft"],
         "beta": recipe.beta,
+        "sft_weight": weight,
         "train_config": recipe.dpo.to_dict(),
         "results": {k: v for k, v in results.items() if k != "samples"},
     }
@@ -195,11 +209,12 @@ def cmd_dpo() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", choices=["sft", "unmasked", "lora", "dpo"])
+    parser.add_argument("run", choices=["sft", "unmasked", "lora", "dpo", "dpo_plain"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # reproducible, and two runs can share two cores
     {"sft": lambda: cmd_sft(True), "unmasked": lambda: cmd_sft(False),
-     "lora": cmd_lora, "dpo": cmd_dpo}[args.run]()  # fmt: skip
+     "lora": cmd_lora, "dpo": cmd_dpo,
+     "dpo_plain": lambda: cmd_dpo(plain=True)}[args.run]()  # fmt: skip
 
 
 if __name__ == "__main__":
