@@ -252,8 +252,11 @@ def trl_dpo_train(
     * sequences are cut to the model's context (the course takes one token more,
       a target only, and refuses longer ones; its longest pair has 127 tokens).
     """
+    import os
     import tempfile
 
+    if not torch.cuda.is_available():  # DeepSpeed, imported by accelerate, would warn
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
