@@ -286,7 +286,7 @@ def test_dpo_gradient_pushes_margin_up(course):
     opt.step()
     with torch.no_grad():
         loss1, m1 = step(policy, batch)
-    assert float(loss1) < float(loss0) and float(m1["reward_margin"]) > 0
+    assert float(loss1) < loss0.item() and float(m1["reward_margin"]) > 0
 
 
 # --- the fine-tuning loop and the shipped models
