@@ -283,6 +283,7 @@ def load_hf(out_dir: str | Path):
 
 def main(argv: list[str] | None = None) -> Path:
     """``python -m shared.export hf OUT_DIR [--model DIR]``: export a course model."""
+    from shared.lora import lora_layers, merge_lora
     from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model
 
     ap = argparse.ArgumentParser(
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> Path:
     )
     args = ap.parse_args(argv)
     model, tokenizer, info = load_course_model("cpu", path=args.model)
+    if lora_layers(model):  # a LoRA adapter folder: export base + adapter, merged
+        merge_lora(model)
+        print(f"merged the LoRA adapter of {args.model} into its base model")
     out = export_hf(model, tokenizer, args.out_dir, info)
     print(f"exported {args.model} as a Hugging Face GPT-2 folder: {out}")
     for path in sorted(out.iterdir()):

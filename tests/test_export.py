@@ -341,6 +341,21 @@ def test_command_line_writes_a_folder_that_loads(tmp_path, capsys, course):
     torch.testing.assert_close(theirs, course_logits(course[0], ids), atol=1e-4, rtol=0)
 
 
+def test_command_line_merges_a_lora_adapter(tmp_path, capsys):
+    from shared.pretrained import load_course_model
+
+    lora_model, tok, _ = load_course_model("cpu", name="lora")
+    folder = LAPTOP_MODEL_DIR.parent / "shakespeare-lora"
+    out = main(["hf", str(tmp_path / "lora"), "--model", str(folder)])
+    assert "merged the LoRA adapter" in capsys.readouterr().out
+    hf_model, _ = load_hf(out)
+    ids = tok.encode("### Instruction:\nRepeat the words.")
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([ids])).logits[0]
+        ours = lora_model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
 def test_import_is_cheap():
     code = "import sys, shared.export; print('transformers' in sys.modules)"
     result = subprocess.run(
