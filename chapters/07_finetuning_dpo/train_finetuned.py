@@ -19,13 +19,13 @@ import argparse
 import copy
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from shared import dpo, lora, sft, tasks
+from shared.device import describe_environment
 from shared.pretrained import (
     COURSE_MODELS,
     MODELS_DIR,
@@ -41,14 +41,8 @@ ACCURACY_EVERY = 500  # task accuracy (generation) is slower than a loss
 
 
 def machine() -> dict:
-    """Where the numbers were measured."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch threads": torch.get_num_threads(),
-        "cpu cores": os.cpu_count(),
-        "load average at end": os.getloadavg(),
-    }
+    """Where the numbers were measured (the load average says how shared it was)."""
+    return describe_environment() | {"load average at end": os.getloadavg()}
 
 
 def sft_evaluator(tokenizer, test: list, accuracy_every: int = ACCURACY_EVERY):
