@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shared.evaluation import evaluate_split
+from shared.evaluate import evaluate_split
 from shared.flops import parameter_counts
 from shared.generate import generate
 from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model, recipe

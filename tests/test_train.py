@@ -12,7 +12,7 @@ from tiny_lm import T, V, make_cfg, make_data, make_model
 from torch import nn
 
 from shared.dataset import BatchSampler
-from shared.evaluation import bits_per_char, estimate_loss, evaluate_split
+from shared.evaluate import bits_per_char, estimate_loss, evaluate_split
 from shared.train import (
     TrainConfig,
     configure_optimizer,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save, save_file, save_model
 from shared.data import atomic_write, read_text
 from shared.dataset import train_val_split
 from shared.device import describe_environment, get_device, seed_everything
-from shared.evaluation import bits_per_char, evaluate_split
+from shared.evaluate import bits_per_char, evaluate_split
 from shared.flops import flops_per_token, mfu, peak_flops
 from shared.generate import generate
 from shared.model import GPT, GPTConfig
