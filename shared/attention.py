@@ -209,12 +209,15 @@ class MultiHeadAttention(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_weights: bool = False,
         impl: str | None = None,
+        cache=None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, T, C) -> (B, T, C); with ``return_weights`` also (B, n_head, T, T).
 
         ``attn_mask``: boolean, True where a query may attend, broadcastable to
-        (B, n_head, T, T), combined with the causal mask. ``position_ids`` place the
-        tokens for RoPE (default ``0..T-1``).
+        (B, n_head, T, T_k), combined with the causal mask. ``position_ids`` place the
+        tokens for RoPE (default ``0..T-1``). ``cache`` (one layer of a
+        ``shared.generate.KVCache``) stores this call's keys and values after the
+        earlier ones, and the queries attend to all of them (``T_k`` = cached + T).
         """
         b, t, _ = x.shape
         check_positions(t, self.context_length)
@@ -228,6 +231,8 @@ class MultiHeadAttention(nn.Module):
         if self.rope:
             q = apply_rope(q, self.rope_cos, self.rope_sin, position_ids)
             k = apply_rope(k, self.rope_cos, self.rope_sin, position_ids)
+        if cache is not None:  # keys and values of the earlier tokens, then these
+            k, v = cache.update(k, v)
         impl = "explicit" if return_weights else (impl or self.impl)
         p = self.dropout if self.training else 0.0
         result = causal_attention(

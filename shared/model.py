@@ -170,8 +170,11 @@ class Block(nn.Module):
         attn_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_weights: bool = False,
+        cache=None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        a = self.attn(self.ln_1(x), attn_mask, position_ids, return_weights)
+        a = self.attn(
+            self.ln_1(x), attn_mask, position_ids, return_weights, cache=cache
+        )
         a, weights = a if return_weights else (a, None)
         x = x + a  # the residual stream carries x unchanged
         x = x + self.mlp(self.ln_2(x))
@@ -297,6 +300,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        kv_cache=None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab); with ``targets`` also the mean cross-entropy (nats).
 
@@ -306,7 +310,15 @@ class GPT(nn.Module):
         (T,), default ``0..T-1``: for left-padded rows use
         ``position_ids_from_mask(attention_mask)`` so every row starts at 0. Targets
         of -100 (e.g. padding) are left out of the loss.
+
+        ``kv_cache`` (a ``shared.generate.KVCache``): ``idx`` continues the tokens
+        already cached; positions default to ``cached .. cached + T - 1``, a (B, T)
+        ``attention_mask`` must cover the cached tokens too, and the cache keeps
+        this call's keys and values (inference: prefill, then one token at a time).
         """
+        if kv_cache is not None and position_ids is None:
+            start = kv_cache.length
+            position_ids = torch.arange(start, start + idx.size(1), device=idx.device)
         x = self._embed(idx, position_ids)
         mask = expand_attention_mask(attention_mask)
         recompute = self.training and torch.is_grad_enabled()
@@ -315,7 +327,10 @@ class GPT(nn.Module):
                 # keep only the block's input; backward runs the block again
                 x = checkpoint(block, x, mask, position_ids, use_reentrant=False)
             else:
-                x = block(x, mask, position_ids)
+                layer = kv_cache.layer(i) if kv_cache is not None else None
+                x = block(x, mask, position_ids, cache=layer)
+        if kv_cache is not None:
+            kv_cache.advance(idx.size(1))
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits
