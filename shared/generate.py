@@ -4,11 +4,17 @@
 appends the token, until ``max_new_tokens`` or every sequence has emitted ``eos_id``.
 ``KVCache`` keeps every layer's keys and values so each step runs only the new token
 (``use_cache=True``, the default); ``iter_tokens`` yields tokens as they come.
+``complete`` and ``stream`` take and give text (stop sequences, seeds), and
+``python -m shared.generate --prompt "ROMEO:" --max-new-tokens 100`` prints it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+import re
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -262,3 +268,323 @@ def generate(
         )
     )  # fmt: skip
     return torch.cat([idx, *new], dim=1)
+
+
+# ------------------------------------------------------------ text in, text out
+# ``complete`` returns a prompt's continuation as a string, ``stream`` yields it in
+# pieces as the tokens arrive, and ``main`` is the command line.
+
+ENDOFTEXT = "<|endoftext|>"
+
+
+@dataclass
+class Completion:
+    """One finished completion: its text, why it ended, and its token counts."""
+
+    text: str
+    finish_reason: str  # "stop": <|endoftext|> or a stop sequence; "length": the limit
+    prompt_tokens: int
+    completion_tokens: int  # tokens sampled, a final <|endoftext|> included
+
+
+def check_settings(
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+) -> tuple[str, ...]:
+    """Raise ``ValueError`` for settings sampling cannot use; returns the stops."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:  # written so that NaN fails too
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if "" in stops:
+        raise ValueError("a stop sequence must not be empty")
+    return stops
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids (special tokens allowed); "" starts a new text."""
+    ids = tokenizer.encode(prompt, allowed_special="all")
+    return ids or [tokenizer.special_tokens[ENDOFTEXT]]
+
+
+def _sampled_ids(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    eos_id: int | None,
+) -> Iterator[int]:
+    """Each new token id as it is sampled (the prompt is cropped to the window)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    # a CPU generator: the same seed gives the same text on every device
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    tokens = iter_tokens(
+        model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, eos_id=eos_id, generator=generator,
+    )  # fmt: skip
+    with closing(tokens):  # stopping early ends iter_tokens now, not when collected
+        for token in tokens:
+            yield int(token[0, 0])
+
+
+def _complete_prefix(data: bytes) -> str:
+    """``data`` decoded but for an unfinished character at the end (more may come)."""
+    return codecs.utf_8_decode(data, "replace", False)[0]
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop sequence in ``text`` starts, or None."""
+    return min((i for i in map(text.find, stops) if i >= 0), default=None)
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that a stop sequence begins with."""
+    longest = max(map(len, stops), default=1) - 1  # a whole stop is found, not held
+    for n in range(min(longest, len(text)), 0, -1):
+        if any(stop.startswith(text[-n:]) for stop in stops):
+            return n
+    return 0
+
+
+def _complete_text(
+    tokenizer, tokens: Iterable[int], eos_id: int | None, stops: Sequence[str]
+) -> str:
+    """The text of ``tokens`` up to <|endoftext|> or the first stop sequence."""
+    data = b""
+    for token in tokens:
+        if token == eos_id:
+            break
+        data += tokenizer.decode_bytes([token])
+        text = _complete_prefix(data)
+        cut = _find_stop(text, stops)  # after every token: a stop ends generation
+        if cut is not None:
+            return text[:cut]
+    text = data.decode("utf-8", "replace")  # as tokenizer.decode does
+    cut = _find_stop(text, stops)
+    return text if cut is None else text[:cut]
+
+
+def _text_pieces(
+    tokenizer,
+    tokens: Iterable[int],
+    eos_id: int | None,
+    stops: Sequence[str],
+    prompt_tokens: int = 0,
+) -> Generator[str, None, Completion]:
+    """Yield ``_complete_text``'s text in pieces as soon as each piece is final.
+
+    Held back until the next token: an unfinished UTF-8 character at the end (BPE
+    tokens are bytes, one character may span two tokens) and an end that a stop
+    sequence begins with (the stop may be completed, and it must not be shown).
+    """
+    data, sent, count, reason = b"", 0, 0, "length"  # sent: characters yielded
+    for token in tokens:
+        count += 1
+        if token == eos_id:
+            reason = "stop"
+            break
+        data += tokenizer.decode_bytes([token])
+        text = _complete_prefix(data)
+        cut = _find_stop(text, stops)
+        if cut is not None:  # cut >= sent: the text after `sent` was held back
+            if cut > sent:
+                yield text[sent:cut]
+            return Completion(text[:cut], "stop", prompt_tokens, count)
+        final = len(text) - _stop_prefix_length(text, stops)
+        if final > sent:
+            yield text[sent:final]
+            sent = final
+    text = data.decode("utf-8", "replace")
+    cut = _find_stop(text, stops)
+    if cut is not None:
+        text, reason = text[:cut], "stop"
+    if len(text) > sent:
+        yield text[sent:]
+    return Completion(text, reason, prompt_tokens, count)
+
+
+def complete(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+) -> str:
+    """The text generated after ``prompt`` (not the prompt itself).
+
+    It ends at <|endoftext|> or before the first ``stop`` sequence (neither is
+    included), else after ``max_new_tokens`` tokens; ``temperature=0`` is greedy and
+    ``seed`` makes sampling reproducible. A prompt longer than the model's context
+    keeps its last tokens; special tokens in it are allowed.
+    """
+    stops = check_settings(max_new_tokens, temperature, top_k, top_p, seed, stop)
+    eos_id = tokenizer.special_tokens.get(ENDOFTEXT)
+    ids = encode_prompt(tokenizer, prompt)
+    sampled = _sampled_ids(
+        model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id
+    )
+    with closing(sampled):
+        return _complete_text(tokenizer, sampled, eos_id, stops)
+
+
+def stream_completion(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+) -> Generator[str, None, Completion]:
+    """``stream`` whose return value (``StopIteration.value``) is the ``Completion``.
+
+    The settings are checked now, not at the first ``next``.
+    """
+    stops = check_settings(max_new_tokens, temperature, top_k, top_p, seed, stop)
+    eos_id = tokenizer.special_tokens.get(ENDOFTEXT)
+    ids = encode_prompt(tokenizer, prompt)
+
+    def pieces() -> Generator[str, None, Completion]:
+        sampled = _sampled_ids(
+            model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id
+        )
+        with closing(sampled):
+            text = _text_pieces(tokenizer, sampled, eos_id, stops, len(ids))
+            return (yield from text)
+
+    return pieces()
+
+
+def stream(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+) -> Iterator[str]:
+    """``complete``'s text in pieces as the tokens arrive: they join to its text.
+
+    Closing the iterator early (``break``) stops generating.
+    """
+    return stream_completion(
+        model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop
+    )
+
+
+def load_model(spec: str, device: str | None = None) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)``: a course model by name ("base", "sft", ...) or folder."""
+    from pathlib import Path
+
+    from shared.pretrained import COURSE_MODELS, load_course_model
+
+    if spec in COURSE_MODELS:
+        model, tokenizer, _ = load_course_model(device, name=spec)
+    elif Path(spec).is_dir():
+        model, tokenizer, _ = load_course_model(device, path=spec)
+    else:
+        raise ValueError(
+            f"unknown model {spec!r}: give one of {list(COURSE_MODELS)} or a model "
+            "folder (config.json + model.safetensors, or a LoRA adapter)"
+        )
+    return model, tokenizer
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""Turn the escapes \n, \t, \r and \\ that a shell passes on unchanged into
+    the characters they stand for; any other backslash stays as it is."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m[1]], text)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: print the prompt and a model's continuation of it."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.generate",
+        description="Continue a prompt with a course model. Prints the prompt, then "
+        "the generated text. In --prompt and --stop, \\n \\t \\r and \\\\ are escapes "
+        '(a shell passes them unchanged): --prompt "ROMEO:\\n" ends with a newline.',
+    )
+    parser.add_argument(
+        "--prompt",
+        type=unescape,
+        default="",
+        help='text to continue (default "": a new text)',
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument(
+        "--model",
+        default="base",
+        help="base, sft, lora, dpo or a model folder (default base)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)"
+    )
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, help="reproducible sampling")
+    parser.add_argument(
+        "--stop",
+        type=unescape,
+        action="append",
+        default=[],
+        help="end before this text (repeatable)",
+    )
+    parser.add_argument(
+        "--stream", action="store_true", help="print the text as it is generated"
+    )
+    parser.add_argument("--device", help="cpu, cuda, mps (default: the best one)")
+    args = parser.parse_args(argv)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+    )  # fmt: skip
+    try:
+        check_settings(**settings)
+        model, tokenizer = load_model(args.model, args.device)
+    except Exception as err:  # a missing or damaged model folder, a bad device
+        parser.error(" ".join(str(err).split()))  # one line, exit code 2
+    try:
+        if args.stream:
+            print(args.prompt, end="", flush=True)
+            for piece in stream(model, tokenizer, args.prompt, **settings):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(args.prompt + complete(model, tokenizer, args.prompt, **settings))
+    except KeyboardInterrupt:
+        print()
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
