@@ -652,15 +652,15 @@ def item_text(item: MCItem) -> str:
 
 REPORT_ROWS = {  # key in evaluate_model's result -> (label, higher is better)
     "bits_per_char": ("held-out bits/char", False),
-    "perplexity": ("perplexity (per token)", False),
-    "ece": ("calibration error (ECE)", False),
+    "perplexity": ("perplexity", False),
+    "ece": ("calibration (ECE)", False),
     "next_line_acc": ("next line: acc", True),
     "next_line_acc_norm": ("next line: acc_norm", True),
     "speaker_acc": ("speaker: acc", True),
     "speaker_acc_norm": ("speaker: acc_norm", True),
-    "instruct_acc": ("instruction tasks: exact match", True),
+    "instruct_acc": ("instructions: exact", True),
     "distinct_2": ("samples: distinct-2", True),
-    "repetition_4": ("samples: repeated 4-grams", False),
+    "repetition_4": ("samples: rep. 4-grams", False),
     "known_words": ("samples: known words", True),
 }
 
@@ -724,41 +724,56 @@ def evaluate_model(
         samples = sample_texts(
             model, tokenizer, prompt, n_samples, max_new_tokens, seed=seed
         )
-        vocabulary = set(words(text)) | _training_vocabulary()
+        vocabulary = set(words(text)) | training_vocabulary()
         out.update(generation_stats(samples, vocabulary))
         out["samples"] = samples
     out["seconds"] = time.perf_counter() - start
     return out
 
 
-def _training_vocabulary() -> set[str]:
+def training_vocabulary() -> set[str]:
+    """The lower-cased words of the training text (first 90% of Tiny Shakespeare)."""
     from shared.data import read_text
     from shared.dataset import train_val_split
 
     return set(words(train_val_split(read_text("tinyshakespeare"), 0.1)[0]))
 
 
-def _cell(report: dict, key: str) -> str:
+def _number(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3f}"
+
+
+def _cell(report: dict, key: str, text: bool = False) -> str:
     if key not in report:
         return "-"
-    value = f"{report[key]:.3f}"
+    value = _number(report[key])
     if f"{key}_ci" in report:
         lo, hi = report[f"{key}_ci"]
-        value += f" [{lo:.3f}, {hi:.3f}]"
+        half = max(hi - report[key], report[key] - lo)
+        value += f" ±{half:.3f}" if text else f" [{lo:.3f}, {hi:.3f}]"
     return value
 
 
-def report_table(reports: dict[str, dict]) -> str:
-    """A Markdown table: one row per metric, one column per model, 95% intervals."""
-    head = "| metric | " + " | ".join(reports) + " |"
-    rule = "|---|" + "---|" * len(reports)
-    rows = [head, rule]
+def report_table(reports: dict[str, dict], text: bool = False) -> str:
+    """One row per metric, one column per model, with 95% intervals: a Markdown
+    table, or with ``text`` aligned columns and ± the larger half-width."""
+    rows = []
     for key, (label, higher) in REPORT_ROWS.items():
         if any(key in r for r in reports.values()):
-            arrow = "↑" if higher else "↓"
-            cells = " | ".join(_cell(r, key) for r in reports.values())
-            rows.append(f"| {label} {arrow} | {cells} |")
-    return "\n".join(rows)
+            label = f"{label} {'↑' if higher else '↓'}"
+            rows.append([label] + [_cell(r, key, text) for r in reports.values()])
+    head = ["metric", *reports]
+    if text:
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = [head, *rows]
+        return "\n".join(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in lines
+        )  # fmt: skip
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---|" * len(reports)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -796,7 +811,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             model, tokenizer, _ = load_course_model(path=spec)
         reports[Path(spec).name] = evaluate_model(model, tokenizer, **kwargs)
         print(f"{spec}: {reports[Path(spec).name]['seconds']:.0f} s", flush=True)
-    print(report_table(reports))
+    print(report_table(reports, text=True))
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1))
     return reports

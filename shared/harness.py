@@ -36,13 +36,14 @@ from shared.generate import generate
 # lm-eval's YAML for a course task: the context is the prompt as it stands and each
 # choice is appended to it as it stands (target_delimiter ""): contexts already end in
 # "\n", and lm-eval's default delimiter " " would change every continuation.
+# cache_dir keeps datasets' Arrow cache beside the task, not in the home folder.
 TASK_YAML = """\
 task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
-  cache_dir: {cache}  # datasets' Arrow cache stays beside the task
+  cache_dir: {cache}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
@@ -84,21 +85,28 @@ def _quiet_and_isolated() -> Iterator[None]:
     import datasets
     import transformers
 
-    logger = logging.getLogger("lm_eval")
-    level = logger.level
+    # lm_eval's INFO lines; torchao (imported by transformers when installed) logs
+    # the CUDA extensions a CPU build cannot load, and torch an Enum notice about it
+    loggers = [
+        logging.getLogger(n) for n in ("lm_eval", "torchao", "torch.utils._pytree")
+    ]
+    levels = [lg.level for lg in loggers]
     bars = (
         datasets.is_progress_bar_enabled(),
         transformers.logging.is_progress_bar_enabled(),
     )
     states = random.getstate(), np.random.get_state()
-    logger.setLevel(logging.WARNING)
+    loggers[0].setLevel(logging.WARNING)
+    for lg in loggers[1:]:
+        lg.setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
     try:
         with torch.random.fork_rng():
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
         if bars[0]:
             datasets.enable_progress_bars()
         if bars[1]:
