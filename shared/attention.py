@@ -95,6 +95,8 @@ def causal_attention(
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout_p, is_causal=True
             )
+        if attn_mask is None and t_q == 1:  # one new token sees every cached key
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=dropout_p
         )

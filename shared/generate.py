@@ -215,11 +215,14 @@ def iter_tokens(
     # last ``context`` tokens at each step, exactly as without a cache
     cache = None
     if use_cache and max_new_tokens > 0 and idx.size(1) < context:
-        cache = KVCache(model.config.n_layer, context)
+        # room for the prompt and the new tokens (the last one is never fed back)
+        cache = KVCache(
+            model.config.n_layer, min(context, idx.size(1) + max_new_tokens)
+        )
     try:
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            if cache is not None and cache.length < context:
+            if cache is not None and cache.length < cache.max_len:
                 logits = _cached_logits(model, idx, attention_mask, cache)
             else:
                 logits = _next_token_logits(model, idx, attention_mask)

@@ -13,6 +13,8 @@ gets its own int8 copy of the matrix.
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -144,3 +146,28 @@ def linear_weight_bytes(model: nn.Module) -> int:
         elif isinstance(module, nn.Linear):
             total += tensor_bytes(module.weight)
     return total
+
+
+# ------------------------------------------------------------- the references
+
+
+def torchao_int8(model: nn.Module) -> nn.Module:
+    """A copy quantized by torchao: every Linear's weight becomes an Int8Tensor."""
+    # torchao logs a warning for each CUDA extension a CPU build of torch can't load,
+    # and torch one about an Enum torchao registers with torch.compile
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = copy.deepcopy(model)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy quantized by ``torch.ao.quantization.quantize_dynamic`` (deprecated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notices, on every call
+        return torch.ao.quantization.quantize_dynamic(
+            model, {nn.Linear}, dtype=torch.qint8
+        )
