@@ -30,6 +30,7 @@ from torch import nn
 
 from shared.data import REPO_ROOT
 from shared.dataset import BatchSampler
+from shared.tasks import speeches
 
 
 def context_length_of(model: nn.Module, context_length: int | None = None) -> int:
@@ -367,16 +368,6 @@ def score_mc(
 def chance_accuracy(items: Sequence[MCItem]) -> float:
     """The expected accuracy of guessing uniformly among each item's choices."""
     return float(np.mean([1 / len(item.choices) for item in items]))
-
-
-def speeches(text: str) -> list[tuple[str, list[str]]]:
-    """``(speaker, lines)`` of every speech of the play text (``NAME:`` then lines)."""
-    out = []
-    for block in text.split("\n\n"):
-        lines = block.strip("\n").split("\n")
-        if len(lines) >= 2 and re.fullmatch(r"[A-Z][A-Za-z ']+:", lines[0]):
-            out.append((lines[0][:-1], [line for line in lines[1:] if line.strip()]))
-    return out
 
 
 def _speech_text(name: str, lines: Sequence[str], last: int = 3) -> str:

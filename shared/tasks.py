@@ -72,14 +72,19 @@ class Pair:
     source: int
 
 
-def speech_lines(text: str) -> list[tuple[str, str]]:
-    """``(speaker, line)`` for every line of every speech (``NAME:`` then lines)."""
+def speeches(text: str) -> list[tuple[str, list[str]]]:
+    """``(speaker, lines)`` of every speech of the play text (``NAME:`` then lines)."""
     out = []
     for block in text.split("\n\n"):
         lines = block.strip("\n").split("\n")
         if len(lines) >= 2 and re.fullmatch(r"[A-Z][A-Za-z ']+:", lines[0]):
-            out += [(lines[0][:-1], line) for line in lines[1:] if line.strip()]
+            out.append((lines[0][:-1], [line for line in lines[1:] if line.strip()]))
     return out
+
+
+def speech_lines(text: str) -> list[tuple[str, str]]:
+    """``(speaker, line)`` for every line of every speech."""
+    return [(name, line) for name, lines in speeches(text) for line in lines]
 
 
 def is_held_out(line: str, percent: int = 10) -> bool:
