@@ -22,7 +22,19 @@ MASKED = "#d9d9d9"  # blocked (future) entries
 HEAD_COLOURS = sns.color_palette("colorblind", 4)
 
 
-def _grid(ax, arr, x0, y0, *, cmap=None, norm=None, masked=None, fill=None, text=None):
+def _grid(
+    ax,
+    arr,
+    x0,
+    y0,
+    *,
+    cmap=None,
+    norm=None,
+    masked=None,
+    fill=None,
+    text=None,
+    fontsize=7,
+):
     """Draw ``arr`` (rows, cols), its top-left corner at (x0, y0); y points down."""
     rows, cols = arr.shape
     for i in range(rows):
@@ -41,7 +53,7 @@ def _grid(ax, arr, x0, y0, *, cmap=None, norm=None, masked=None, fill=None, text
                     text[i][j],
                     ha="center",
                     va="center",
-                    fontsize=7,
+                    fontsize=fontsize,
                 )
     ax.add_patch(Rectangle((x0, y0), cols, rows, fc="none", ec="black", lw=0.8))
 
@@ -193,14 +205,14 @@ def head_split(x, split, heads, out_heads, merged) -> plt.Figure:
     t, d = x.shape
     h, dh = split.shape[1], split.shape[2]
     col_colour = [colors.to_rgba(HEAD_COLOURS[j // dh], 0.35) for j in range(d)]
-    fig, ax = plt.subplots(figsize=(7.5, 2.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.5, 2.7), layout="constrained")
     x0 = 0.0
     panels = []
 
     def flat(m, title, shape):  # a (T, d) matrix, columns coloured by head
         nonlocal x0
         fill = [[col_colour[j] for j in range(d)] for _ in range(t)]
-        _grid(ax, m, x0, 0, fill=fill, text=_numbers(m))
+        _grid(ax, m, x0, 0, fill=fill, text=_numbers(m), fontsize=9)
         panels.append((x0, x0 + d))
         _label(ax, x0 + d / 2, -0.3, title, shape, fontsize=9)
         x0 += d
@@ -209,9 +221,8 @@ def head_split(x, split, heads, out_heads, merged) -> plt.Figure:
         nonlocal x0
         for g in range(h):
             fill = [[colors.to_rgba(HEAD_COLOURS[g], 0.35)] * dh for _ in range(t)]
-            _grid(
-                ax, m[:, g], x0 + g * (dh + 0.5), 0, fill=fill, text=_numbers(m[:, g])
-            )
+            x_g = x0 + g * (dh + 0.5)
+            _grid(ax, m[:, g], x_g, 0, fill=fill, text=_numbers(m[:, g]), fontsize=9)
         width = h * dh + (h - 1) * 0.5
         panels.append((x0, x0 + width))
         _label(ax, x0 + width / 2, -0.3, title, shape, fontsize=9)
@@ -222,7 +233,7 @@ def head_split(x, split, heads, out_heads, merged) -> plt.Figure:
         for g in range(h):
             fill = [[colors.to_rgba(HEAD_COLOURS[g], 0.35)] * dh for _ in range(t)]
             y = g * (t + 0.6)
-            _grid(ax, m[g], x0, y, fill=fill, text=_numbers(m[g]))
+            _grid(ax, m[g], x0, y, fill=fill, text=_numbers(m[g]), fontsize=9)
             ax.text(
                 x0 + dh + 0.2,
                 y + t / 2,
@@ -235,13 +246,13 @@ def head_split(x, split, heads, out_heads, merged) -> plt.Figure:
         _label(ax, x0 + dh / 2, -0.3, title, shape, fontsize=9)
         x0 += dh + 0.8
 
-    step = 3.4
+    step = 2.4
     flat(x, "$x$", f"({t}, {d})")
     steps = [
-        (grouped, split, ".view", f"({t}, {h}, {d // h})"),
-        (stacked, heads, ".transpose(0, 1)", f"({h}, {t}, {dh})"),
+        (grouped, split, "view", f"({t}, {h}, {d // h})"),
+        (stacked, heads, "transpose", f"({h}, {t}, {dh})"),
         (stacked, out_heads, "attend", f"({h}, {t}, {dh})"),
-        (flat, merged, "transpose, reshape", f"({t}, {d})"),
+        (flat, merged, "merge", f"({t}, {d})"),
     ]
     for draw, m, title, shape in steps:
         start = x0
