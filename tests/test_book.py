@@ -201,6 +201,24 @@ def test_chapter_title_numbering_and_solutions(prepared):
     assert labels == [True, False]  # one "Solution" label per run of solution cells
 
 
+def test_no_solution_label_inside_a_solutions_section(tmp_path):
+    cells = [
+        new_markdown_cell("# Attention"),
+        new_markdown_cell("**Exercise 2.1.** Why?"),
+        new_markdown_cell("## Solutions"),
+        new_markdown_cell("*Solution 2.1.*", metadata={"tags": ["solution"]}),
+        new_code_cell("answer = 42", metadata={"tags": ["solution"]}),
+        new_markdown_cell("## References\n\n1. A paper."),
+        new_markdown_cell("Late answer.", metadata={"tags": ["solution"]}),
+    ]
+    chapter = book.Chapter(number=2, path=tmp_path / "02_a" / "02_a.ipynb")
+    nb = book.prepare_notebook(
+        new_notebook(cells=cells), chapter, tmp_path / "figures", fake_md2latex
+    )
+    labels = [bool(c.metadata.get("book_solution_label")) for c in nb.cells[-4:]]
+    assert labels == [False, False, False, True]  # labelled again outside the section
+
+
 def test_notebook_without_heading_gets_one_from_its_folder(tmp_path):
     chapter = book.Chapter(
         number=5, path=tmp_path / "05_memory_optimization" / "x.ipynb"

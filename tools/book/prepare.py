@@ -416,11 +416,16 @@ def prepare_notebook(
             snippets.append(str(cell.metadata["caption"]))
     converted = iter(md2latex(snippets))
 
-    cells, in_solution = [], False
+    # inside a "## Solutions" section every cell is a solution: no extra label there
+    cells, in_solution, solutions_section = [], False, False
     for cell in nb.cells:
         i = cell.metadata.pop("book_index", 0)
         tags = set(cell.metadata.get("tags", []))
         if cell.cell_type == "markdown":
+            headings = re.findall(r"^##\s+(.*)$", cell.source, flags=re.M)
+            if headings:  # the last level-2 heading of the cell opens the section
+                title = re.sub(r"^[\d.]+\s*", "", headings[-1].strip()).lower()
+                solutions_section = title == "solutions"
             cell = nbformat.v4.new_raw_cell(
                 next(converted), metadata={"book_latex": True}
             )
@@ -432,7 +437,9 @@ def prepare_notebook(
         else:
             continue  # raw cells of the notebooks are not part of the book
         is_solution = bool(tags & SOLUTION_TAGS)
-        cell.metadata["book_solution_label"] = is_solution and not in_solution
+        cell.metadata["book_solution_label"] = (
+            is_solution and not in_solution and not solutions_section
+        )
         in_solution = is_solution
         cell.metadata["tags"] = sorted(tags)
         cells.append(cell)
