@@ -290,7 +290,8 @@ def test_template_renders_a_book_without_tex(prepared):
     tex = book.render_tex([nb], [chapter], "test build")
     assert "\\documentclass[10pt,a4paper,oneside,openany]{book}" in tex
     assert "\\tableofcontents" in tex and "\\setcounter{chapter}{1}" in tex
-    assert "\\begin{figure}[H]" in tex and "\\BookSolution" in tex
+    assert "\\begin{figure}[htbp]" in tex and "\\BookSolution" in tex
+    assert "\\usepackage{flafter}" in tex  # figures never float above their text
     assert (
         "NBVAL" not in tex and "secret\\_setup" not in tex and "secret_setup" not in tex
     )

@@ -227,7 +227,7 @@ def figure_latex(
     if caption_latex is None:
         return f"\\begin{{center}}\n{images}\n\\end{{center}}"
     return (
-        "\\begin{figure}[H]\n\\centering\n"
+        "\\begin{figure}[htbp]\n\\centering\n"
         + images.replace("\n", "\\par\\medskip\n")
         + f"\n\\caption{{{caption_latex}}}\n\\end{{figure}}"
     )
