@@ -113,12 +113,16 @@ def qkv_flow(x, q, k, v, scores, weights, out, tokens: Sequence[str]) -> plt.Fig
         y = top[name]
         _grid(ax, m, xq, y, cmap=vlag, norm=signed)
         _label(ax, xq + d_k / 2, y - 0.3, f"${name}$", f"({t}, {m.shape[1]})")
-        _arrow(
-            ax,
-            (d_in, gap + t / 2),
-            (xq, y + t / 2),
+        _arrow(ax, (d_in, gap + t / 2), (xq, y + t / 2))
+        # the weight matrix's label sits beside the arrow's head, clear of the line
+        below = name == "V"
+        ax.text(
+            xq - 0.4,
+            y + t / 2 + (0.5 if below else -0.6),
             rf"$\cdot W_{name.lower()}$ ({d_in}, {m.shape[1]})",
-            offset={"Q": (-1.9, 0), "K": (0, -0.2), "V": (-1.9, 1.6)}[name],
+            ha="right",
+            va="top" if below else "bottom",
+            fontsize=9,
         )
     # the score pipeline runs along the row of K
     xs = xq + d_k + 4.5
@@ -142,13 +146,15 @@ def qkv_flow(x, q, k, v, scores, weights, out, tokens: Sequence[str]) -> plt.Fig
     xo = x0 - 3.5 + 2.5
     yo = 2 * gap
     _grid(ax, out, xo, yo, cmap=vlag, norm=signed)
-    _label(ax, xo + d_v / 2, yo - 0.3, "$Z = AV$", f"({t}, {d_v})")
+    ax.text(  # below the grid: the arrow from A comes in from above
+        xo + d_v / 2, yo + t + 0.4, f"$Z = AV$  ({t}, {d_v})", ha="center", va="top"
+    )
     _arrow(ax, (x0 - 3.5 - t / 2, y + t), (xo + d_v / 2, yo), rad=0.0)
     _arrow(
         ax, (xq + d_k, yo + t / 2), (xo, yo + t / 2), r"$A \cdot V$", offset=(0, -0.2)
     )
     ax.set_xlim(-2.2, xo + d_v + 0.5)
-    ax.set_ylim(2 * gap + t + 0.5, -2.2)
+    ax.set_ylim(2 * gap + t + 2.0, -2.2)
     ax.set_aspect("equal")
     ax.axis("off")
     return fig
