@@ -34,7 +34,7 @@ IMAGE_MIMES = ("application/pdf", "image/png", "image/jpeg")  # preferred first
 PRINTABLE_MIMES = {*IMAGE_MIMES, "text/latex", "text/markdown", "text/plain"}
 MAX_OUTPUT_LINES = 36  # longer text outputs keep their head and tail
 MAX_LINE_CHARS = 400  # fvextra wraps long lines; absurdly long ones are cut
-FIGURE_MAX_HEIGHT = r"0.55\textheight"
+FIGURE_MAX_HEIGHT = r"0.7\textheight"
 
 _NBVAL_MARKER = re.compile(
     r"^[ \t]*#[ \t]*(NBVAL_[A-Z_]+|PYTEST_VALIDATE_IGNORE_OUTPUT)\b.*$"
