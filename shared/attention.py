@@ -218,7 +218,7 @@ class MultiHeadAttention(nn.Module):
         ``attn_mask``: boolean, True where a query may attend, broadcastable to
         (B, n_head, T, T_k), combined with the causal mask. ``position_ids`` place the
         tokens for RoPE (default ``0..T-1``). ``cache`` (one layer of a
-        ``shared.generate.KVCache``) stores this call's keys and values after the
+        ``shared.generation.KVCache``) stores this call's keys and values after the
         earlier ones, and the queries attend to all of them (``T_k`` = cached + T).
         """
         b, t, _ = x.shape
@@ -246,3 +246,31 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).contiguous().view(b, t, self.n_embd)
         out = self.resid_dropout(self.c_proj(out))
         return (out, weights) if return_weights else out
+
+
+def expand_attention_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A (B, T) padding mask or (B, T, T) mask as boolean (B, 1, T_q, T_k), True = see.
+
+    A (B, T) mask marks the keys every query may see; broadcasting adds the heads
+    and the queries.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    elif mask.dim() != 4:
+        raise ValueError(
+            "attention_mask must be (B, T), (B, T, T) or (B, heads, T, T); "
+            f"got shape {tuple(mask.shape)}"
+        )
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) that count only real tokens: left padding starts at 0.
+
+    ``[[0, 0, 1, 1, 1]] -> [[0, 0, 0, 1, 2]]`` (padding gets position 0, unused).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

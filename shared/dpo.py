@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.model import evaluating
 from shared.sft import IGNORE, collate, encode_example, format_prompt
 from shared.tasks import Pair
 
@@ -94,14 +95,12 @@ def reference_logprobs(
     Computed once before training: the reference never changes, so its forward pass
     need not be repeated every step.
     """
-    was_training = reference.training
-    reference.eval()
-    ctx, pad = reference.config.context_length, _pad_of(encoded)
-    out = []
-    for i in range(0, len(encoded), batch_size):
-        batch = collate_pairs(encoded[i : i + batch_size], pad, ctx)
-        out.append(torch.stack(_forward_pairs(reference, batch), dim=1).cpu())
-    reference.train(was_training)
+    with evaluating(reference):
+        ctx, pad = reference.config.context_length, _pad_of(encoded)
+        out = []
+        for i in range(0, len(encoded), batch_size):
+            batch = collate_pairs(encoded[i : i + batch_size], pad, ctx)
+            out.append(torch.stack(_forward_pairs(reference, batch), dim=1).cpu())
     return torch.cat(out)
 
 
@@ -173,16 +172,14 @@ def preference_metrics(
     ``logprob_accuracy`` counts pairs where the model itself gives the chosen
     response the higher log-probability, which means something before training too.
     """
-    was_training = model.training
-    model.eval()
-    ctx, pad = model.config.context_length, _pad_of(encoded)
-    chosen, rejected = [], []
-    for i in range(0, len(encoded), batch_size):
-        batch = collate_pairs(encoded[i : i + batch_size], pad, ctx)
-        c, r = _forward_pairs(model, batch)
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
-    model.train(was_training)
+    with evaluating(model):
+        ctx, pad = model.config.context_length, _pad_of(encoded)
+        chosen, rejected = [], []
+        for i in range(0, len(encoded), batch_size):
+            batch = collate_pairs(encoded[i : i + batch_size], pad, ctx)
+            c, r = _forward_pairs(model, batch)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     loss, r_w, r_l = dpo_loss(chosen, rejected, ref_logps[:, 0], ref_logps[:, 1], beta)
     return {
@@ -226,7 +223,7 @@ def trl_dpo_train(
 ) -> list[dict]:
     """DPO with Hugging Face TRL's ``DPOTrainer`` on the course's pairs; step records.
 
-    Starts from an exported folder (``shared.export.export_hf``); the reference is a
+    Starts from an exported folder (``shared.hf_export.export_hf``); the reference is a
     second, frozen copy of the same weights. Prompts, chosen and rejected responses
     are the course's strings, and TRL turns them into the token ids ``encode_pairs``
     makes (tested). Returns one record per step: ``step``, ``loss``, ``reward_*``

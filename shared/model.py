@@ -1,15 +1,16 @@
-"""The GPT model: config, pre-norm transformer blocks, and a loader for GPT-2's weights.
+"""The GPT model: config, norms, feed-forward, pre-norm transformer blocks, the GPT.
 
 Reads top to bottom like nanoGPT's ``model.py``: ``GPTConfig`` -> norms -> feed-forward
 -> ``Block`` -> ``GPT``. Parameter names follow GPT-2's (``transformer.h.0.attn.c_attn``
-...), so Hugging Face's GPT-2 state dict loads with only a few transposes.
+...), so Hugging Face's GPT-2 state dict loads with only a few transposes
+(``shared.gpt2_weights``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import re
-from collections.abc import Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from shared.attention import IMPLS, MultiHeadAttention, check_in_range, check_positions
+from shared.attention import (
+    IMPLS,
+    MultiHeadAttention,
+    check_in_range,
+    check_positions,
+    expand_attention_mask,
+)
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -191,32 +198,16 @@ def sinusoidal_table(context_length: int, n_embd: int) -> torch.Tensor:
     return table
 
 
-def expand_attention_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A (B, T) padding mask or (B, T, T) mask as boolean (B, 1, T_q, T_k), True = see.
-
-    A (B, T) mask marks the keys every query may see; broadcasting adds the heads
-    and the queries.
-    """
-    if mask is None:
-        return None
-    if mask.dim() == 2:
-        mask = mask[:, None, None, :]
-    elif mask.dim() == 3:
-        mask = mask[:, None]
-    elif mask.dim() != 4:
-        raise ValueError(
-            "attention_mask must be (B, T), (B, T, T) or (B, heads, T, T); "
-            f"got shape {tuple(mask.shape)}"
-        )
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions (B, T) that count only real tokens: left padding starts at 0.
-
-    ``[[0, 0, 1, 1, 1]] -> [[0, 0, 0, 1, 2]]`` (padding gets position 0, unused).
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) inside the block, back in its previous
+    mode after it, also when the block raises or is interrupted."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------- GPT
@@ -311,7 +302,7 @@ class GPT(nn.Module):
         ``position_ids_from_mask(attention_mask)`` so every row starts at 0. Targets
         of -100 (e.g. padding) are left out of the loss.
 
-        ``kv_cache`` (a ``shared.generate.KVCache``): ``idx`` continues the tokens
+        ``kv_cache`` (a ``shared.generation.KVCache``): ``idx`` continues the tokens
         already cached; positions default to ``cached .. cached + T - 1``, a (B, T)
         ``attention_mask`` must cover the cached tokens too, and the cache keeps
         this call's keys and values (inference: prefill, then one token at a time).
@@ -356,111 +347,11 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention weights of every layer and head: (n_layer, B, n_head, T, T)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             x = self._embed(idx, position_ids)
             mask = expand_attention_mask(attention_mask)
             maps = []
             for block in self.transformer.h:
                 x, weights = block(x, mask, position_ids, return_weights=True)
                 maps.append(weights)
-        finally:
-            self.train(was_training)
         return torch.stack(maps)
-
-    @classmethod
-    def from_gpt2(
-        cls, state_dict: Mapping[str, torch.Tensor], config: GPTConfig | None = None
-    ) -> GPT:
-        """A GPT holding Hugging Face GPT-2 weights; config inferred if not given."""
-        config = config or gpt2_config_from_state_dict(state_dict)
-        model = cls(config)
-        load_gpt2_weights(model, state_dict)
-        return model
-
-
-# ---------------------------------------------------------------------------- GPT-2
-
-# HF's GPT-2 uses Conv1D layers that store weights as (in, out): transpose these
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight")
-_CONV1D += ("mlp.c_proj.weight",)
-# buffers (causal mask) that some transformers versions keep in the state dict
-_IGNORED = re.compile(r".*\.attn\.(bias|masked_bias)$")
-
-
-def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys as in GPT2LMHeadModel ('transformer.h.0...', optional 'lm_head.weight')."""
-    out = {}
-    for key, value in state_dict.items():
-        if _IGNORED.match(key):
-            continue
-        if key.startswith(("transformer.", "lm_head.")):
-            out[key] = value
-        else:  # GPT2Model / hub safetensors keys lack the prefix: 'h.0.attn...'
-            out["transformer." + key] = value
-    return out
-
-
-def gpt2_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> GPTConfig:
-    """Infer a GPT-2 config from weight shapes (n_head assumes GPT-2's head size 64)."""
-    sd = _strip_prefix(state_dict)
-    vocab_size, n_embd = sd["transformer.wte.weight"].shape
-    layers = {int(k.split(".")[2]) for k in sd if k.startswith("transformer.h.")}
-    return GPTConfig(
-        vocab_size=vocab_size,
-        context_length=sd["transformer.wpe.weight"].shape[0],
-        n_layer=len(layers),
-        n_head=max(1, n_embd // 64),
-        n_embd=n_embd,
-    )
-
-
-@torch.no_grad()
-def load_gpt2_weights(model: GPT, state_dict: Mapping[str, torch.Tensor]) -> GPT:
-    """Copy a Hugging Face GPT-2 state dict into ``model`` (in place; returned too)."""
-    cfg = model.config
-    if (cfg.pos_encoding, cfg.norm, cfg.ffn, cfg.bias) != (
-        "learned",
-        "layernorm",
-        "gelu",
-        True,
-    ):
-        raise ValueError(
-            "GPT-2 weights need pos_encoding='learned', norm='layernorm', ffn='gelu', "
-            f"bias=True; got {cfg.pos_encoding!r}, {cfg.norm!r}, {cfg.ffn!r}, "
-            f"bias={cfg.bias}"
-        )
-    source = _strip_prefix(state_dict)
-    target = model.state_dict()
-    head = source.pop("lm_head.weight", None)
-    if cfg.tie_weights:
-        target.pop("lm_head.weight", None)
-        wte = source.get("transformer.wte.weight")
-        if head is not None and wte is not None and not torch.equal(head, wte):
-            raise ValueError(
-                "lm_head.weight differs from wte.weight: use tie_weights=False"
-            )
-    elif head is not None:
-        source["lm_head.weight"] = head
-    elif "transformer.wte.weight" in source:  # untied model, tied checkpoint
-        source["lm_head.weight"] = source["transformer.wte.weight"]
-
-    missing = sorted(set(target) - set(source))
-    unexpected = sorted(set(source) - set(target))
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not fit this GPT: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}"
-        )
-    for key, value in source.items():
-        if key.endswith(_CONV1D):
-            value = value.t()
-        if value.shape != target[key].shape:
-            raise ValueError(
-                f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model "
-                f"{tuple(target[key].shape)} — is the config the checkpoint's config?"
-            )
-        target[key].copy_(value)
-    return model

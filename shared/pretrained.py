@@ -1,117 +1,29 @@
-"""The course's own pretrained Shakespeare model: its recipes, its data, and a loader.
+"""The course's shipped Shakespeare models: where they live and how to load them.
 
-``chapters/04_pretraining/train_shakespeare.py`` trains the laptop recipe and ships it
-in ``data/models/shakespeare-laptop/`` (weights, tokenizer, config + measured results);
-``load_course_model()`` is how chapter 00 and chapters 07-09 start from it.
+``chapters/04_pretraining/train_shakespeare.py`` trains the laptop recipe
+(``shared.recipes``) and ships it in ``data/models/shakespeare-laptop/`` (weights,
+tokenizer, config + measured results); chapter 07 ships the fine-tuned ones beside it.
+``load_course_model()`` is how chapter 00 and chapters 07-09 start from them.
+Importing this module loads the model and tokenizer layers only (no training code).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from shared.checkpoint import load_weights
-from shared.data import REPO_ROOT
+from shared.checkpoint import config_dict, load_weights
+from shared.data import REPO_ROOT, read_text
+from shared.dataset import token_ids_cached, train_val_split
+from shared.device import get_device
 from shared.model import GPT, GPTConfig
-from shared.train import TrainConfig
+from shared.tokenizer import BPETokenizer
 
 LAPTOP_MODEL_DIR = REPO_ROOT / "data" / "models" / "shakespeare-laptop"
-# nanoGPT's Shakespeare results as its README states them (github.com/karpathy/nanoGPT,
-# "quick start", character level). The README gives the validation loss in nats per
-# character; the token counts follow from the command lines it prints. Nothing here was
-# measured by this course (chapter 4 measures the same CPU configuration with our loop).
-NANOGPT_CPU = {  # "--max_iters=2000 ... --batch_size=12 --block_size=64", 4 x 128
-    "params": 0.80e6,  # what that configuration builds (no position table), counted
-    "tokens": 2000 * 12 * 64,
-    "val_loss_nats_per_char": 1.88,  # "gets us a loss of only 1.88" = 2.71 bits/char
-    "wall_s": 180,  # "runs in about ~3 minutes"
-}
-NANOGPT_GPU = {  # config/train_shakespeare_char.py: 6 x 384, context 256, one A100
-    "val_loss_nats_per_char": 1.4697,  # "the best validation loss is 1.4697"
-    "wall_s": 180,  # "takes about 3 minutes"
-}
-NANOGPT_CPU_BPC = NANOGPT_CPU["val_loss_nats_per_char"] / math.log(2)
-
-
-@dataclass
-class Recipe:
-    """What to train: tokenizer vocabulary, model shape and training settings."""
-
-    vocab_size: int
-    model: GPTConfig
-    train: TrainConfig
-
-
-def recipe(name: str = "laptop") -> Recipe:
-    """The course's Shakespeare recipes: "laptop" (2 CPU cores, minutes) or "gpu"."""
-    if name == "laptop":
-        return Recipe(
-            vocab_size=1024,
-            model=GPTConfig(
-                vocab_size=1024, context_length=128, n_layer=4, n_head=6, n_embd=192
-            ),
-            train=TrainConfig(
-                max_steps=2400, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=100,
-                weight_decay=0.1, betas=(0.9, 0.99), grad_clip=1.0, eval_interval=100,
-                eval_iters=8, seed=1337,
-            ),
-        )  # fmt: skip
-    if name == "gpu":
-        # nanoGPT's Shakespeare GPU shape (6 x 384, context 256, ~10M parameters) on
-        # the course BPE; dropout because 10M parameters can memorise 1M characters
-        return Recipe(
-            vocab_size=1024,
-            model=GPTConfig(
-                vocab_size=1024, context_length=256, n_layer=6, n_head=6, n_embd=384,
-                dropout=0.2,
-            ),
-            train=TrainConfig(
-                max_steps=5000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=100,
-                weight_decay=0.1, betas=(0.9, 0.99), grad_clip=1.0, eval_interval=250,
-                eval_iters=50, dtype="bfloat16", seed=1337,
-            ),
-        )  # fmt: skip
-    raise ValueError(f"unknown recipe {name!r}; choose 'laptop' or 'gpu'")
-
-
-@dataclass
-class FinetuneRecipe:
-    """Chapter 07's settings: full SFT, LoRA on the same data, DPO after SFT."""
-
-    sft: TrainConfig
-    lora: TrainConfig
-    lora_r: int
-    lora_alpha: float
-    lora_targets: tuple[str, ...]
-    dpo: TrainConfig
-    beta: float
-    dpo_sft_weight: float  # the NLL term on chosen answers (0: plain DPO)
-
-
-def finetune_recipe(name: str = "laptop") -> FinetuneRecipe:
-    """The fine-tuning recipes behind the shipped SFT, LoRA and DPO models."""
-    if name != "laptop":
-        raise ValueError(f"unknown fine-tuning recipe {name!r}; choose 'laptop'")
-    sft = TrainConfig(
-        max_steps=2000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=50,
-        weight_decay=0.0, eval_interval=250, log_interval=50, seed=0,
-    )  # fmt: skip
-    # LoRA trains 4% of the weights: a larger learning rate, the same steps and data
-    lora = dataclasses.replace(sft, lr=5e-3, min_lr=5e-4)
-    dpo = TrainConfig(
-        max_steps=400, batch_size=16, lr=2e-4, min_lr=2e-5, warmup_steps=20,
-        weight_decay=0.0, eval_interval=50, log_interval=10, seed=0,
-    )  # fmt: skip
-    targets = ("c_attn", "c_proj", "c_fc")
-    return FinetuneRecipe(
-        sft, lora, 16, 32.0, targets, dpo, beta=0.1, dpo_sft_weight=1.0
-    )
 
 
 def shakespeare_splits(tokenizer) -> dict:
@@ -120,9 +32,6 @@ def shakespeare_splits(tokenizer) -> dict:
     Returns ``train_ids``, ``val_ids`` (int64 arrays) and the character counts, so a
     per-token loss converts to bits per character.
     """
-    from shared.data import read_text
-    from shared.dataset import token_ids_cached, train_val_split
-
     text = read_text("tinyshakespeare")
     train_text, val_text = train_val_split(text, 0.1)
     return {
@@ -155,9 +64,6 @@ def load_course_model(
     LoRA adapter): model and training config plus the measured results. The LoRA
     model comes back with its adapter unmerged (``shared.lora.merge_lora`` folds it).
     """
-    from shared.device import get_device
-    from shared.tokenizer import BPETokenizer
-
     if name not in COURSE_MODELS:
         raise ValueError(f"unknown course model {name!r}; one of {list(COURSE_MODELS)}")
     path = Path(path) if path is not None else MODELS_DIR / COURSE_MODELS[name]
@@ -187,7 +93,7 @@ def load_course_model(
 
 
 def _load_adapter_model(path: Path, device) -> tuple[GPT, object, dict]:
-    from shared.lora import load_peft_adapter
+    from shared.lora import load_peft_adapter  # post-training layer: only for adapters
 
     info = json.loads((path / "course.json").read_text())
     model, tokenizer, _ = load_course_model(device, path=path / info["base"])
@@ -200,8 +106,6 @@ def save_course_model(model: GPT, tokenizer, folder: str | Path, info: dict) -> 
     """Write ``model.safetensors``, ``tokenizer.json`` and ``config.json`` (``info``
     with the model's config added) so ``load_course_model(path=folder)`` loads it."""
     from safetensors.torch import save_model
-
-    from shared.checkpoint import config_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,3 +120,17 @@ def save_course_model(model: GPT, tokenizer, folder: str | Path, info: dict) -> 
 def as_ids(array) -> np.ndarray:
     """Token ids as int64 (cached ids are uint16 to save space)."""
     return np.asarray(array, dtype=np.int64)
+
+
+def load_model(spec: str, device: str | None = None) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)``: a course model by name ("base", "sft", ...) or folder."""
+    if spec in COURSE_MODELS:
+        model, tokenizer, _ = load_course_model(device, name=spec)
+    elif Path(spec).is_dir():
+        model, tokenizer, _ = load_course_model(device, path=spec)
+    else:
+        raise ValueError(
+            f"unknown model {spec!r}: give one of {list(COURSE_MODELS)} or a model "
+            "folder (config.json + model.safetensors, or a LoRA adapter)"
+        )
+    return model, tokenizer

@@ -1,7 +1,7 @@
 """Pretraining: the training configuration, AdamW parameter groups, the learning-rate
 schedule, and the loop (evaluation, progress, checkpoints that resume exactly).
 
-Batches come from ``shared.dataset.BatchSampler``, losses from ``shared.evaluate``,
+Batches come from ``shared.dataset.BatchSampler``, losses from ``shared.loss``,
 checkpoints from ``shared.checkpoint``, FLOP and MFU counts from ``shared.flops``.
 """
 
@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.dataset import BatchSampler
-from shared.evaluate import autocast, context_length_of, estimate_loss
+from shared.loss import context_length_of, estimate_loss
+from shared.precision import autocast
 
 
 @dataclass

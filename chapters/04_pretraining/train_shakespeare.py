@@ -3,7 +3,7 @@
   python chapters/04_pretraining/train_shakespeare.py laptop   # shipped model
   python chapters/04_pretraining/train_shakespeare.py compute  # char vs BPE, same FLOPs
 
-``laptop`` (or ``gpu``) trains ``shared.pretrained.recipe(...)`` with the course BPE,
+``laptop`` (or ``gpu``) trains ``shared.recipes.recipe(...)`` with the course BPE,
 saves snapshots (samples, attention maps) during training, and ships the result to
 ``data/models/shakespeare-laptop/`` (``-gpu/``): weights, tokenizer, config.json with
 measured results. ``compute`` trains nanoGPT's char-level CPU model and a BPE model
@@ -31,17 +31,12 @@ from safetensors.torch import load_file, save, save_file, save_model
 from shared.data import atomic_write, read_text
 from shared.dataset import train_val_split
 from shared.device import describe_environment, get_device, seed_everything
-from shared.evaluate import bits_per_char, evaluate_split
 from shared.flops import flops_per_token, mfu, peak_flops
-from shared.generate import generate
+from shared.generation import generate
+from shared.loss import bits_per_char, evaluate_split
 from shared.model import GPT, GPTConfig
-from shared.pretrained import (
-    LAPTOP_MODEL_DIR,
-    NANOGPT_CPU,
-    as_ids,
-    recipe,
-    shakespeare_splits,
-)
+from shared.pretrained import LAPTOP_MODEL_DIR, as_ids, shakespeare_splits
+from shared.recipes import NANOGPT_CPU, recipe
 from shared.tokenizer import CharTokenizer, course_tokenizer
 from shared.train import TrainConfig, train
 

@@ -6,7 +6,7 @@
   python chapters/07_finetuning_dpo/train_finetuned.py dpo       # -> shakespeare-dpo
   python chapters/07_finetuning_dpo/train_finetuned.py dpo_plain # without the NLL term
 
-Recipes: ``shared.pretrained.finetune_recipe()``. Each run writes its history and
+Recipes: ``shared.recipes.finetune_recipe()``. Each run writes its history and
 measured results to ``chapters/07_finetuning_dpo/results/<run>.json`` (read by the
 notebook) and ships its model to ``data/models/`` (``unmasked`` ships nothing).
 ``dpo`` starts from the shipped SFT model, so run ``sft`` first. One thread, seeded:
@@ -26,13 +26,14 @@ import torch
 
 from shared import dpo, lora, sft, tasks
 from shared.device import describe_environment
+from shared.evaluation import task_accuracy
 from shared.pretrained import (
     COURSE_MODELS,
     MODELS_DIR,
-    finetune_recipe,
     load_course_model,
     save_course_model,
 )
+from shared.recipes import finetune_recipe
 from shared.train import TrainConfig, train_on_batches
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +52,7 @@ def sft_evaluator(tokenizer, test: list, accuracy_every: int = ACCURACY_EVERY):
     def evaluate(step: int, model) -> dict:
         rec = {"response_loss": sft.response_loss(model, tokenizer, test)}
         if step % accuracy_every == 0:
-            rec["accuracy"], _ = sft.task_accuracy(model, tokenizer, test)
+            rec["accuracy"], _ = task_accuracy(model, tokenizer, test)
         return rec
 
     return evaluate
@@ -73,7 +74,7 @@ def run_sft(
 def summarise(history: dict, model, tokenizer, wall_s: float) -> dict:
     """Final held-out numbers and timings of a run."""
     test = tasks.load_examples("test")
-    accuracy, responses = sft.task_accuracy(model, tokenizer, test)
+    accuracy, responses = task_accuracy(model, tokenizer, test)
     steps = sorted(r["step_s"] for r in history["train"])
     return {
         "accuracy": accuracy,
@@ -170,7 +171,7 @@ def dpo_run(
 def cmd_dpo(plain: bool = False) -> None:
     recipe = finetune_recipe()
     model, tokenizer, sft_info = load_course_model("cpu", name="sft")
-    before = sft.task_accuracy(model, tokenizer, tasks.load_examples("test"))[0]
+    before = task_accuracy(model, tokenizer, tasks.load_examples("test"))[0]
     model.train()
     t0 = time.perf_counter()
     weight = recipe.dpo_sft_weight if not plain else 0.0

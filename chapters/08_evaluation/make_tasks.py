@@ -16,27 +16,27 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from shared import evaluate
+from shared import evaluation
 
 SIZES = {"next_line": 435, "speaker": 500}  # every speech with a next line: 435
 
 
-def build() -> dict[str, list[evaluate.MCItem]]:
-    text = evaluate.held_out_text()
+def build() -> dict[str, list[evaluation.MCItem]]:
+    text = evaluation.held_out_text()
     return {
-        "next_line": evaluate.make_next_line_items(text, SIZES["next_line"], seed=0),
-        "speaker": evaluate.make_speaker_items(text, SIZES["speaker"], seed=0),
+        "next_line": evaluation.make_next_line_items(text, SIZES["next_line"], seed=0),
+        "speaker": evaluation.make_speaker_items(text, SIZES["speaker"], seed=0),
     }
 
 
-def encode(items: list[evaluate.MCItem]) -> bytes:
+def encode(items: list[evaluation.MCItem]) -> bytes:
     rows = [json.dumps(asdict(item), ensure_ascii=False) for item in items]
     return ("\n".join(rows) + "\n").encode()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=evaluate.EVAL_DIR)
+    parser.add_argument("--out", type=Path, default=evaluation.EVAL_DIR)
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     args = parser.parse_args(argv)
     for task, items in build().items():

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from shared.export import hf_state_dict
-from shared.generate import generate
+from shared.generation import generate
+from shared.hf_export import hf_state_dict
 from shared.model import GPT, GPTConfig
 
 

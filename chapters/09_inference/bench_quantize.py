@@ -6,7 +6,7 @@ fp32, bf16 (weights cast), ``shared.quantize.quantize_int8``, torchao's
 int8 activations, one scale per tensor). For each: bytes in memory and as saved,
 the Linear weights' bytes, held-out loss and bits/char over the whole validation
 split, how often its next-token argmax agrees with fp32's, and speed (a batch
-forward, and 100 greedy tokens with ``shared.generate.generate``), timed in
+forward, and 100 greedy tokens with ``shared.generation.generate``), timed in
 interleaved rounds so machine load hits every model alike; medians are printed.
 
 Run: python chapters/09_inference/bench_quantize.py [--rounds 5] [--threads 1]
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.evaluate import bits_per_char, evaluate_split
-from shared.generate import generate
+from shared.generation import generate
+from shared.loss import bits_per_char, evaluate_split
 from shared.pretrained import load_course_model, shakespeare_splits
 from shared.quantize import (
     dynamic_int8,

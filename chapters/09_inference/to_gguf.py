@@ -3,7 +3,7 @@
     python chapters/09_inference/to_gguf.py --llama-cpp PATH/TO/llama.cpp \
         [--model base] [--out build/gguf/shakespeare-base-f32.gguf]
 
-It exports the model to Hugging Face's GPT-2 layout (``shared.export``), then runs
+It exports the model to Hugging Face's GPT-2 layout (``shared.hf_export``), then runs
 llama.cpp's own ``convert_hf_to_gguf.py`` on it, with one change: the converter
 identifies a tokenizer's pre-tokenizer by hashing how it splits a test string, and
 the course's 1,024-token vocabulary is not in its table, so we tell it the answer,
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from shared.data import REPO_ROOT
-from shared.export import export_hf
+from shared.hf_export import export_hf
 from shared.lora import merge_lora
 from shared.pretrained import load_course_model
 

@@ -9,7 +9,7 @@
 * ``course.py``  - ``course_tokenizer()``, the course's BPE, cached on disk.
 """
 
-from shared.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
+from shared.tokenizer.bpe import BPETokenizer
 from shared.tokenizer.char import CharTokenizer
 from shared.tokenizer.course import course_tokenizer, course_training_text
 from shared.tokenizer.files import (
@@ -19,6 +19,7 @@ from shared.tokenizer.files import (
     readable,
 )
 from shared.tokenizer.gpt2 import gpt2_encoding, gpt2_tokenizer
+from shared.tokenizer.pretokenize import ENDOFTEXT, GPT2_PATTERN
 from shared.tokenizer.trainer import naive_train, pretoken_counts, train_merges
 
 __all__ = [

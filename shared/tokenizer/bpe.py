@@ -5,7 +5,8 @@
 * encoding applies the learned merges in the order they were learned (lowest rank
   first); ``encode_iterable`` does the same for a stream of text in bounded memory.
 
-Training lives in ``trainer.py``; ``BPETokenizer.train`` calls it.
+The rules training shares with encoding (pattern, special tokens, ``merge``) are in
+``pretokenize.py``; training is in ``trainer.py`` (``BPETokenizer.train`` calls it).
 """
 
 from __future__ import annotations
@@ -29,84 +30,18 @@ from shared.tokenizer.files import (
     readable,
     write_text,
 )
-
-# GPT-2's pre-tokenization pattern, exactly as tiktoken's ``gpt2`` encoding spells it:
-# contractions, letters, numbers, other symbols (each optionally after one space),
-# then whitespace runs that leave the last space to the following word.
-GPT2_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"""
-    r"""|\s++$|\s+(?!\S)|\s"""
+from shared.tokenizer.pretokenize import (
+    GPT2_PATTERN,
+    fix_surrogates,
+    fix_surrogates_stream,
+    merge,
+    refuse_specials,
+    special_error,
+    special_pattern,
 )
-ENDOFTEXT = "<|endoftext|>"
+from shared.tokenizer.trainer import pretoken_counts, train_merges
 
 Specials = Literal["all"] | Collection[str]
-
-
-def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace each non-overlapping ``pair`` (scanning left to right) by ``new_id``."""
-    out = []
-    i, n = 0, len(ids)
-    a, b = pair
-    while i < n:
-        if i < n - 1 and ids[i] == a and ids[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-def _special_pattern(specials: Iterable[str]) -> regex.Pattern | None:
-    # longest first, so a special token that contains another one wins
-    specials = sorted(specials, key=len, reverse=True)
-    if not specials:
-        return None
-    return regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
-
-
-def _fix_surrogates(text: str) -> str:
-    """Replace lone surrogates (not encodable as UTF-8) by U+FFFD, as tiktoken does."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def _fix_surrogates_stream(chunks: Iterable[str]) -> Iterator[str]:
-    """:func:`_fix_surrogates` on a stream, keeping a pair split across chunks whole."""
-    pending = ""
-    for chunk in chunks:
-        text, pending = pending + chunk, ""
-        if text and "\ud800" <= text[-1] <= "\udbff":  # may pair with what follows
-            text, pending = text[:-1], text[-1]
-        yield _fix_surrogates(text)
-    if pending:
-        yield _fix_surrogates(pending)
-
-
-def _special_error(token: str, position: int) -> ValueError:
-    return ValueError(
-        f"text contains the special token {token!r} at position {position}. If it is "
-        f"meant as a control token, pass allowed_special={{{token!r}}} (or 'all'); to "
-        "encode it as plain text, pass disallowed_special=()."
-    )
-
-
-def _refuse_specials(chunks: Iterable[str], disallowed: set[str]) -> Iterator[str]:
-    """Pass chunks through; raise if a disallowed special token occurs, even split."""
-    pattern = _special_pattern(disallowed)
-    keep = max(map(len, disallowed)) - 1  # enough to see a token cut at a boundary
-    tail, offset = "", 0  # the last `keep` characters seen, and where they start
-    for chunk in chunks:
-        window = tail + chunk
-        match = pattern.search(window)
-        if match:
-            raise _special_error(match.group(), offset + match.start())
-        tail = window[max(len(window) - keep, 0) :]
-        offset += len(window) - len(tail)
-        yield chunk
 
 
 class BPETokenizer:
@@ -191,9 +126,7 @@ class BPETokenizer:
         ``BPETokenizer().train(text, 1024)`` replaces any merges the tokenizer had and
         keeps its pattern. The fast trainer is in ``shared/tokenizer/trainer.py``.
         """
-        # imported here: the trainer imports _merge from this module
-        from shared.tokenizer.trainer import pretoken_counts, train_merges
-
+        # imported here: the trainer imports merge from this module
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ValueError(
@@ -224,7 +157,7 @@ class BPETokenizer:
                     best, best_rank = pair, rank
             if best is None:
                 break
-            ids = _merge(ids, best, best_rank)
+            ids = merge(ids, best, best_rank)
         if len(self._cache) > 200_000:  # bound the memory of very long runs
             self._cache.clear()
         self._cache[chunk] = ids
@@ -237,7 +170,7 @@ class BPETokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text, treating special-token strings as ordinary text."""
         out: list[int] = []
-        for chunk in self._compiled.findall(_fix_surrogates(text)):
+        for chunk in self._compiled.findall(fix_surrogates(text)):
             out.extend(self._encode_chunk(chunk))
         return out
 
@@ -285,10 +218,10 @@ class BPETokenizer:
         """
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         if disallowed:
-            match = _special_pattern(disallowed).search(text)
+            match = special_pattern(disallowed).search(text)
             if match:
-                raise _special_error(match.group(), match.start())
-        return self._encode_allowed(text, _special_pattern(allowed))
+                raise special_error(match.group(), match.start())
+        return self._encode_allowed(text, special_pattern(allowed))
 
     # Streaming: which ids are settled before the rest of the text is seen? The GPT-2
     # regex decides a pre-token by looking at most two characters past its end (a lone
@@ -317,11 +250,11 @@ class BPETokenizer:
             raise ValueError("encode_iterable's boundary rule holds for GPT2_PATTERN")
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         if disallowed:
-            chunks = _refuse_specials(chunks, disallowed)
-        allowed_re = _special_pattern(allowed)
+            chunks = refuse_specials(chunks, disallowed)
+        allowed_re = special_pattern(allowed)
         prefixes = {s[:k] for s in allowed for k in range(1, len(s))}
         buffer, carried = "", 0  # text not yet encoded; its length after the last scan
-        for chunk in _fix_surrogates_stream(chunks):
+        for chunk in fix_surrogates_stream(chunks):
             buffer += chunk
             if len(buffer) < 2 * carried:
                 continue  # rescanning a long carry for every tiny chunk is quadratic

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 
 from shared.data import artefact_dir, read_text
-from shared.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
+from shared.tokenizer.bpe import BPETokenizer
 from shared.tokenizer.files import FORMAT_VERSION, TokenizerFileError
+from shared.tokenizer.pretokenize import ENDOFTEXT, GPT2_PATTERN
 
 
 def course_training_text() -> str:

@@ -14,7 +14,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from shared.data import DataUnavailableError
-from shared.tokenizer.bpe import ENDOFTEXT, BPETokenizer
+from shared.tokenizer.bpe import BPETokenizer
+from shared.tokenizer.pretokenize import ENDOFTEXT
 
 if TYPE_CHECKING:
     import tiktoken

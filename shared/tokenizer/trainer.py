@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import regex
 
-from shared.tokenizer.bpe import GPT2_PATTERN, _merge, _special_pattern
+from shared.tokenizer.pretokenize import GPT2_PATTERN, merge, special_pattern
 
 
 def _desc_key(token: bytes) -> tuple[int, ...]:
@@ -34,7 +34,7 @@ def pretoken_counts(
 ) -> Counter[str]:
     """Count each pre-token; special tokens are cut out first (never merged)."""
     compiled = regex.compile(pattern)
-    special_re = _special_pattern(special_tokens)
+    special_re = special_pattern(special_tokens)
     parts = special_re.split(text)[::2] if special_re else [text]
     counts: Counter[str] = Counter()
     for part in parts:
@@ -76,7 +76,7 @@ def train_merges(word_counts: dict[str, int], n_merges: int) -> list[tuple[int, 
         changed: dict[tuple[int, int], int] = defaultdict(int)
         for wi in where.pop((a, b)):
             w = words[wi]
-            new_w = _merge(w, (a, b), new_id)
+            new_w = merge(w, (a, b), new_id)
             if len(new_w) == len(w):
                 continue  # stale index entry: the pair left this word earlier
             f = freqs[wi]
@@ -117,5 +117,5 @@ def naive_train(text: str, n_merges: int) -> list[tuple[bytes, bytes]]:
         a, b = max(counts, key=lambda p: (counts[p], vocab[p[0]], vocab[p[1]]))
         vocab[256 + k] = vocab[a] + vocab[b]
         merges.append((vocab[a], vocab[b]))
-        chunks = [_merge(ids, (a, b), 256 + k) for ids in chunks]
+        chunks = [merge(ids, (a, b), 256 + k) for ids in chunks]
     return merges

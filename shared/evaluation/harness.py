@@ -2,10 +2,10 @@
 
 - ``write_task``: a list of ``MCItem`` as an lm-eval task folder (JSON lines + YAML).
 - ``run_lm_eval``: ``lm_eval.simple_evaluate`` on those tasks, offline, for an
-  exported Hugging Face folder (``shared.export``) or any lm-eval ``LM``; per-item
+  exported Hugging Face folder (``shared.hf_export``) or any lm-eval ``LM``; per-item
   log-likelihoods come back in the items' order.
 - ``CourseLM``: a course GPT as an lm-eval ``LM`` (no export needed).
-- ``compare``: the course's own scorer (``shared.evaluate.score_mc``) against
+- ``compare``: the course's own scorer (``shared.evaluation.score_mc``) against
   lm-eval, item by item.
 
 lm-eval is imported only when used, so importing this module is cheap.
@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.evaluate import MCItem, MCResult, loglikelihood
-from shared.generate import generate
+from shared.evaluation.multiple_choice import MCItem, MCResult
+from shared.evaluation.scoring import encode_text, loglikelihood
+from shared.generation import generate
+from shared.model import evaluating
 
 # lm-eval's YAML for a course task: the context is the prompt as it stands and each
 # choice is appended to it as it stands (target_delimiter ""): contexts already end in
@@ -217,19 +219,19 @@ def _score_windows(
     """Summed log-probability of each ``(context ids, target ids)`` window's targets."""
     T = model.config.context_length
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(windows), batch_size):
-        group = [((c + t)[-(T + 1) :][:-1], t) for c, t in windows[i : i + batch_size]]
-        x = torch.zeros(len(group), max(len(inp) for inp, _ in group), dtype=torch.long)
-        for row, (inp, _) in enumerate(group):
-            x[row, : len(inp)] = torch.tensor(inp)  # right padding: causal, unread
-        logp = torch.log_softmax(model(x.to(device)).float(), dim=-1).cpu()
-        for row, (inp, target) in enumerate(group):
-            lp = logp[row, len(inp) - len(target) : len(inp)]
-            out.append(lp.gather(1, torch.tensor(target)[:, None]).sum().item())
-    model.train(was_training)
+    with evaluating(model):
+        out = []
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i : i + batch_size]
+            group = [((c + t)[-(T + 1) :][:-1], t) for c, t in chunk]
+            width = max(len(inp) for inp, _ in group)
+            x = torch.zeros(len(group), width, dtype=torch.long)
+            for row, (inp, _) in enumerate(group):
+                x[row, : len(inp)] = torch.tensor(inp)  # right padding: causal, unread
+            logp = torch.log_softmax(model(x.to(device)).float(), dim=-1).cpu()
+            for row, (inp, target) in enumerate(group):
+                lp = logp[row, len(inp) - len(target) : len(inp)]
+                out.append(lp.gather(1, torch.tensor(target)[:, None]).sum().item())
     return out
 
 
@@ -266,7 +268,7 @@ def _course_lm_class() -> type:
             T = self.model.config.context_length
             out = []
             for (text,) in (r.args for r in requests):
-                ids = self.tokenizer.encode(text, disallowed_special=())
+                ids = encode_text(self.tokenizer, text)
                 rolling = get_rolling_token_windows(ids, self.eot, T, context_len=1)
                 windows = [make_disjoint_window(w) for w in rolling]
                 out.append(sum(_score_windows(self.model, windows, self.batch_size)))
@@ -288,7 +290,7 @@ def _course_lm_class() -> type:
                 if kwargs.get("do_sample"):  # lm-eval's HF model samples only then
                     how = {k: kwargs.get(k) for k in ("top_k", "top_p")}
                     how["temperature"] = float(kwargs.get("temperature", 1.0))
-                ids = self.tokenizer.encode(context, disallowed_special=())
+                ids = encode_text(self.tokenizer, context)
                 ids = ids or [self.eot]  # an empty prompt starts a new text
                 idx = torch.tensor([ids], device=next(self.model.parameters()).device)
                 n_new = int(kwargs.get("max_gen_toks", 256))
@@ -303,7 +305,7 @@ def _course_lm_class() -> type:
 
 
 def __getattr__(name: str):
-    # ``from shared.harness import CourseLM`` builds the class on first use
+    # ``from shared.evaluation.harness import CourseLM`` builds the class on first use
     if name == "CourseLM":
         return _course_lm_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

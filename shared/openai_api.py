@@ -1,0 +1,181 @@
+"""OpenAI's completions API, the request side: the fields this course's server
+accepts, how a request body becomes checked generation settings (``parse_request``),
+and the error every refusal becomes (``APIError``, OpenAI's JSON error shape).
+The sampling settings are checked by ``shared.generation.check_settings``, the same
+function the command line uses."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Generator
+
+from shared.generation import Completion, SettingError, check_settings
+
+MAX_TOKENS = 1024  # per request: bounds how long one request holds the model
+MAX_STOPS = 4  # as OpenAI
+MAX_BODY_BYTES = 1 << 20
+ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST"}
+# OpenAI's fields that only have one value here: accepted at it, refused otherwise
+NEUTRAL = {
+    "n": 1,
+    "best_of": 1,
+    "logprobs": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "suffix": None,
+}
+KNOWN = {
+    *NEUTRAL,
+    *("prompt", "model", "max_tokens", "temperature", "top_p", "top_k", "seed"),
+    *("stop", "stream", "stream_options", "echo", "user"),
+}
+HINTS = {  # other libraries' names for OpenAI's fields
+    "max_new_tokens": "max_tokens",
+    "max_length": "max_tokens",
+    "stop_sequences": "stop",
+}
+
+
+class APIError(Exception):
+    """A request that gets an error response: HTTP status and OpenAI-style body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.kind, self.code, self.headers = kind, code, headers or {}
+
+    def body(self) -> dict:
+        """The JSON error object OpenAI's clients read."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _number(body: dict, key: str, default, integer: bool = False):
+    """``body[key]`` as a finite number (an int if ``integer``), or ``default``."""
+    value = body.get(key)
+    if value is None:
+        return default
+    wanted = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        kind = "an integer" if integer else "a number"
+        raise APIError(400, f"{key} must be {kind}, got {json.dumps(value)}", key)
+    if not math.isfinite(value):
+        raise APIError(400, f"{key} must be finite, got {value}", key)
+    return value
+
+
+def _flag(body: dict, key: str) -> bool:
+    """``body[key]`` as a bool (absent or null: False)."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise APIError(
+            400, f"{key} must be true or false, got {json.dumps(value)}", key
+        )
+    return bool(value)
+
+
+def _stops(value) -> list[str]:
+    """The ``stop`` field as a list of strings."""
+    stops = [value] if isinstance(value, str) else value
+    if value is None:
+        return []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError(400, "stop must be a string or a list of strings", "stop")
+    if len(stops) > MAX_STOPS or "" in stops:
+        raise APIError(
+            400, f"stop takes 1 to {MAX_STOPS} non-empty strings, got {stops}", "stop"
+        )
+    return stops
+
+
+def parse_request(body: dict, model_name: str) -> dict:
+    """The checked settings of a completion request; ``APIError`` says what is wrong."""
+    for key in body:
+        if key not in KNOWN:
+            hint = f"; did you mean {HINTS[key]!r}?" if key in HINTS else ""
+            raise APIError(400, f"unknown field {key!r}{hint}", key)
+    for key, neutral in NEUTRAL.items():
+        if body.get(key, neutral) not in (neutral, None):
+            value = json.dumps(body[key])
+            message = f"{key}={value} is not supported (only {json.dumps(neutral)})"
+            raise APIError(400, message, key)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        message = "prompt is required" if prompt is None else "prompt must be a string"
+        if isinstance(prompt, list):
+            message += " (a list of prompts or of token ids is not supported)"
+        raise APIError(400, message, "prompt")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server has {model_name!r}",
+            "model",
+            code="model_not_found",
+        )
+    max_tokens = _number(body, "max_tokens", 16, integer=True)
+    if not 1 <= max_tokens <= MAX_TOKENS:
+        raise APIError(
+            400, f"max_tokens must be 1 to {MAX_TOKENS}, got {max_tokens}", "max_tokens"
+        )
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
+    top_k = _number(body, "top_k", None, integer=True)
+    seed = _number(body, "seed", None, integer=True)
+    stops = _stops(body.get("stop"))
+    try:  # the same checks as the command line's
+        check_settings(max_tokens, temperature, top_k, top_p, seed, stops)
+    except SettingError as err:
+        raise APIError(400, str(err), err.param) from None
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise APIError(
+            400, 'stream_options takes only {"include_usage": bool}', "stream_options"
+        )
+    return {
+        "prompt": prompt,
+        "max_new_tokens": max_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": None if top_p == 1 else top_p,
+        "seed": seed,
+        "stop": stops,
+        "stream": _flag(body, "stream"),
+        "echo": _flag(body, "echo"),
+        "include_usage": _flag(options, "include_usage"),
+    }
+
+
+def usage(result: Completion) -> dict:
+    """OpenAI's token counts of a completion."""
+    total = result.prompt_tokens + result.completion_tokens
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": total,
+    }
+
+
+def finish(pieces: Generator[str, None, Completion]) -> Completion:
+    """Run ``pieces`` to the end; its return value."""
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as end:
+            return end.value
