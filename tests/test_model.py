@@ -2,20 +2,20 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from shared.attention import position_ids_from_mask
 from shared.flops import flops_per_token, parameter_counts, weight_memory_bytes
-from shared.model import (
-    GPT,
-    GPTConfig,
-    RMSNorm,
+from shared.gpt2_weights import (
+    from_gpt2,
     gpt2_config_from_state_dict,
     load_gpt2_weights,
-    position_ids_from_mask,
-    sinusoidal_table,
 )
+from shared.model import GPT, GPTConfig, RMSNorm, evaluating, sinusoidal_table
 
 VOCAB, CTX, LAYERS, HEADS, EMBD = 101, 32, 3, 4, 48
 
@@ -50,7 +50,7 @@ def hf_model() -> GPT2LMHeadModel:
 
 @pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
 def test_logits_match_huggingface_gpt2(hf_model, attn_impl):
-    model = GPT.from_gpt2(hf_model.state_dict(), small_config(attn_impl=attn_impl))
+    model = from_gpt2(hf_model.state_dict(), small_config(attn_impl=attn_impl))
     model.eval()
     idx = torch.randint(0, VOCAB, (4, CTX), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_logits_match_huggingface_gpt2(hf_model, attn_impl):
 
 
 def test_loss_matches_huggingface(hf_model):
-    model = GPT.from_gpt2(hf_model.state_dict(), small_config()).eval()
+    model = from_gpt2(hf_model.state_dict(), small_config()).eval()
     idx = torch.randint(0, VOCAB, (2, CTX), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -77,14 +77,14 @@ def test_loader_accepts_unprefixed_keys_and_mask_buffers(hf_model):
     del sd["lm_head.weight"]
     sd["h.0.attn.bias"] = torch.ones(1, 1, CTX, CTX)
     sd["h.0.attn.masked_bias"] = torch.tensor(-1e4)
-    model = GPT.from_gpt2(sd, small_config()).eval()
+    model = from_gpt2(sd, small_config()).eval()
     idx = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf_model(idx).logits, atol=1e-4, rtol=0)
 
 
 def test_untied_model_gets_the_shared_head(hf_model):
-    model = GPT.from_gpt2(hf_model.state_dict(), small_config(tie_weights=False))
+    model = from_gpt2(hf_model.state_dict(), small_config(tie_weights=False))
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
     torch.testing.assert_close(model.lm_head.weight, model.transformer.wte.weight)
 
@@ -267,7 +267,7 @@ def test_left_padded_batch_equals_each_row_alone(pos_encoding, attn_impl):
 
 
 def test_left_padded_batch_matches_huggingface(hf_model):
-    model = GPT.from_gpt2(hf_model.state_dict(), small_config()).eval()
+    model = from_gpt2(hf_model.state_dict(), small_config()).eval()
     ids, mask = _left_padded(ROWS)
     pos = position_ids_from_mask(mask)
     with torch.no_grad():
@@ -342,3 +342,85 @@ def test_ffn_width_and_rope_base_are_configurable_defaults_unchanged():
         assert (a(idx) - b(idx)).abs().max() > 1e-4  # the base changes the rotation
     with pytest.raises(ValueError, match="ffn_hidden"):
         small_config(ffn_hidden=0)
+
+
+# ------------------------------------------------------------ eval mode, restored
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+class FailingForward(nn.Module):
+    """A model whose forward raises on its second call (an interrupted scoring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.config, self.calls = model, model.config, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 2:
+            interrupt()
+        return self.inner(*args, **kwargs)
+
+
+def scorers() -> dict:
+    """Every function that puts a model in eval mode while it scores or generates."""
+    from shared import dpo, evaluation, loss, sft, tasks
+    from shared.evaluation.harness import _score_windows
+    from shared.generation import generate
+    from shared.tokenizer import course_tokenizer
+
+    tok = course_tokenizer()
+    ids = np.arange(600) % 50
+    examples = tasks.load_examples("test")[:8]
+    pairs = dpo.encode_pairs(tok, tasks.load_pairs("test")[:8])
+    return {
+        "evaluate_split": lambda m: loss.evaluate_split(m, ids, batch_size=1),
+        "estimate_loss": lambda m: loss.estimate_loss(
+            m, {"val": ids}, eval_iters=3, batch_size=1
+        ),
+        "score_tokens": lambda m: evaluation.score_tokens(m, ids, batch_size=1),
+        "loglikelihood": lambda m: evaluation.loglikelihood(
+            m, tok, [("ROMEO:\n", "But soft"), ("KING:\n", "Go")], batch_size=1
+        ),
+        "response_loss": lambda m: sft.response_loss(m, tok, examples, batch_size=2),
+        "reference_logprobs": lambda m: dpo.reference_logprobs(m, pairs, batch_size=2),
+        "harness windows": lambda m: _score_windows(m, [([1], [2]), ([3], [4])], 1),
+        "generate": lambda m: generate(m, torch.tensor([[1, 2]]), 3),
+    }
+
+
+@pytest.mark.parametrize("name", list(scorers()))
+def test_an_interrupted_scoring_restores_training_mode(name):
+    # before the fix, 8 places set eval() and restored the mode only on success:
+    # a Ctrl-C during evaluation left dropout switched off for the rest of training
+    cfg = GPTConfig(1024, 128, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    model = FailingForward(GPT(cfg))
+    model.train()
+    with pytest.raises(KeyboardInterrupt):
+        scorers()[name](model)
+    assert model.calls == 2, "the model was not called twice: nothing was tested"
+    assert model.training and model.inner.training, f"{name} left eval mode on"
+
+
+def test_interrupted_attention_maps_restore_training_mode():
+    model = GPT(small_config(dropout=0.1))
+    model.train()
+    model.transformer.h[1].forward = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        model.attention_maps(torch.tensor([[1, 2, 3]]))
+    assert model.training
+
+
+def test_evaluating_restores_the_previous_mode():
+    model = GPT(small_config())
+    model.eval()
+    with evaluating(model):
+        assert not model.training
+    assert not model.training  # it was in eval mode before: it stays there
+    model.train()
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError
+    assert model.training
