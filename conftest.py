@@ -6,6 +6,9 @@ on tiny workloads. Kernels started by nbval inherit this environment.
 Before anything runs, the session checks that the data the tests need can be had (the
 Tiny Shakespeare corpus, GPT-2's tokenizer files): offline without them, one message
 says what is missing and which variable provides it, instead of a hundred tracebacks.
+It checks the same way that the course models committed in ``data/models/`` are all
+there: a missing one is an error that names the folder and the script that makes it,
+never a quietly skipped test.
 """
 
 import os
@@ -33,12 +36,54 @@ def missing_course_data() -> list[str]:
     return problems
 
 
+# the script that trains each shipped model (chapter 07 makes all three fine-tunes)
+MODEL_SCRIPTS = {
+    "base": "chapters/04_pretraining/train_shakespeare.py",
+    "sft": "chapters/07_finetuning_dpo/train_finetuned.py",
+    "lora": "chapters/07_finetuning_dpo/train_finetuned.py",
+    "dpo": "chapters/07_finetuning_dpo/train_finetuned.py",
+}
+
+
+def missing_course_models() -> list[str]:
+    """Which shipped models are incomplete: one explanation per model folder."""
+    from shared.data import REPO_ROOT
+    from shared.pretrained import COURSE_MODELS, MODELS_DIR
+
+    problems = []
+    for name, folder in COURSE_MODELS.items():
+        path = MODELS_DIR / folder
+        full = {"config.json", "model.safetensors"}
+        adapter = {"adapter_config.json", "adapter_model.safetensors"}
+        have = {p.name for p in path.iterdir()} if path.is_dir() else set()
+        if full <= have or adapter <= have:
+            continue
+        lacking = sorted((adapter if "adapter_config.json" in have else full) - have)
+        script = MODEL_SCRIPTS.get(name, "its chapter's training script")
+        problems.append(
+            f"{path.relative_to(REPO_ROOT)}/ (course model {name!r}) lacks "
+            f"{', '.join(lacking)}: restore it (`git checkout -- data/models`) or "
+            f"make it with `python {script}`"
+        )
+    return problems
+
+
+def _listed(problems: list[str]) -> str:
+    return "\n\n".join(f"{i}. {p}" for i, p in enumerate(problems, 1))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     problems = missing_course_data()
     if problems:
-        listed = "\n\n".join(f"{i}. {p}" for i, p in enumerate(problems, 1))
         sys.stderr.write(
             "\nThe tests need data this machine cannot get (offline?):\n\n"
-            f"{listed}\n\nSee 'Offline machines' in README.md.\n\n"
+            f"{_listed(problems)}\n\nSee 'Offline machines' in README.md.\n\n"
         )
         pytest.exit("the course's data is missing (see above)", returncode=3)
+    problems = missing_course_models()
+    if problems:
+        sys.stderr.write(
+            "\nThe tests need the course models committed in data/models/:\n\n"
+            f"{_listed(problems)}\n\n"
+        )
+        pytest.exit("a shipped course model is missing (see above)", returncode=3)

@@ -6,7 +6,7 @@ A frozen linear layer ``y = x W^T + b`` gets a trainable update of rank ``r``:
 update merges into the weight, ``W + (alpha / r) B A``, and costs nothing at
 inference. ``save_peft_adapter`` writes the adapter the way Hugging Face PEFT does
 (``adapter_config.json`` + ``adapter_model.safetensors``), so ``peft`` loads it onto
-the model exported by ``shared.export``.
+the model exported by ``shared.hf_export``.
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ class LoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
         # A as nn.Linear's default init (PEFT's too); B = 0 makes the update zero
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        a = torch.empty(r, base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        # the adapter lives where the base weight lives, in its dtype (as PEFT does):
+        # a bf16 model's activations cannot be multiplied by fp32 adapters
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(a.to(**like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
         self.dropout = nn.Dropout(dropout)
-        self.to(base.weight.device)
 
     def delta_weight(self) -> torch.Tensor:
         """The update to the weight, (out, in): ``(alpha / r) B A``."""
@@ -85,14 +88,20 @@ def apply_lora(
 ) -> nn.Module:
     """Freeze ``model`` and wrap every matching ``nn.Linear`` in ``LoRALinear``.
 
-    In place; returns the model. Refuses targets that match nothing.
+    In place; returns the model. Refuses targets that match nothing and a model
+    that already has adapters, before it changes anything.
     """
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if lora_layers(model):
+        raise ValueError(
+            "model already has LoRA adapters (merge_lora first, or start from the "
+            "base model)"
+        )
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and _matches(n, targets)]  # fmt: skip
     if not names:
         raise ValueError(f"no nn.Linear matches targets {list(targets)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
     model.lora_config = {"r": r, "alpha": alpha, "targets": list(targets),

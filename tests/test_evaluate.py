@@ -12,14 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from shared import evaluate as ev
+from shared import evaluation as ev
 from shared.data import REPO_ROOT
+from shared.evaluate import main as evaluate_main
 from shared.model import GPT, GPTConfig
-from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model
-
-shipped = pytest.mark.skipif(
-    not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"
-)
+from shared.pretrained import load_course_model
 
 
 @dataclass
@@ -107,7 +104,6 @@ def test_bad_stride_raises(small_gpt):
 # ------------------------------------------------------------ log-likelihood
 
 
-@shipped
 def test_split_request_moves_trailing_whitespace(base):
     _, tok = base
     ctx, cont = ev.split_request(tok, "ROMEO:\n", "But soft!")
@@ -117,9 +113,8 @@ def test_split_request_moves_trailing_whitespace(base):
     assert ctx == [tok.special_tokens["<|endoftext|>"]]
 
 
-@shipped
 def test_loglikelihood_equals_hugging_face_export(base, tmp_path):
-    from shared.export import export_hf, load_hf
+    from shared.hf_export import export_hf, load_hf
 
     model, tok = base
     export_hf(model, tok, tmp_path / "hf")
@@ -143,9 +138,8 @@ def test_loglikelihood_equals_hugging_face_export(base, tmp_path):
         assert hf_tok(text)["input_ids"] == tok.encode(text, allowed_special="all")
 
 
-@shipped
 def test_is_greedy_and_left_truncation(base):
-    from shared.generate import generate
+    from shared.generation import generate
 
     model, tok = base
     prompt = "KING RICHARD II:\n"
@@ -186,9 +180,8 @@ def test_acc_and_acc_norm_by_hand():
     assert ev.chance_accuracy(items) == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
-@shipped
 def test_multiple_choice_picks_a_planted_answer(base):
-    from shared.generate import generate
+    from shared.generation import generate
 
     model, tok = base
     items = []
@@ -305,10 +298,9 @@ def test_contamination_finder_finds_planted_overlaps():
 # ---------------------------------------------------------------------- report
 
 
-@shipped
 def test_report_command_line(tmp_path):
     out = tmp_path / "report.json"
-    reports = ev.main(["--quick", "--model", "base", "--json", str(out)])
+    reports = evaluate_main(["--quick", "--model", "base", "--json", str(out)])
     report = reports["base"]
     assert out.exists()
     for key in ev.REPORT_ROWS:

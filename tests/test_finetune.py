@@ -11,7 +11,8 @@ import torch
 
 from shared import dpo, lora, sft, tasks
 from shared.data import REPO_ROOT as REPO
-from shared.generate import generate
+from shared.evaluation import answers, task_accuracy
+from shared.generation import generate
 from shared.model import GPT, GPTConfig
 from shared.pretrained import load_course_model
 
@@ -162,7 +163,7 @@ def test_left_padded_answers_equal_one_by_one(course):
     model, tok = course
     prompts = [sft.format_prompt(e.instruction, e.input)
                for e in tasks.load_examples("test")[:6]]  # fmt: skip
-    together = sft.answers(model, tok, prompts, 8)
+    together = answers(model, tok, prompts, 8)
     for prompt, answer in zip(prompts, together, strict=True):
         idx = torch.tensor([tok.encode(prompt)])
         out = generate(model, idx, 8, temperature=0.0, eos_id=sft.eos_id(tok))
@@ -231,8 +232,35 @@ def test_peft_format_round_trip(tiny, tmp_path):
 
 
 def test_apply_lora_refuses_unknown_targets(tiny):
+    model = _copy(tiny)
     with pytest.raises(ValueError, match="no nn.Linear"):
-        lora.apply_lora(_copy(tiny), targets=("q_proj",))
+        lora.apply_lora(model, targets=("q_proj",))
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
+
+
+def test_lora_adapters_follow_the_base_layers_dtype(tiny):
+    base = _copy(tiny).to(torch.bfloat16)
+    idx = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = base(idx)
+        model = lora.apply_lora(_copy(base), r=4, alpha=8)
+        torch.testing.assert_close(model(idx), before, atol=0, rtol=0)  # B = 0
+    for layer in lora.lora_layers(model).values():
+        assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    layer = next(iter(lora.lora_layers(model).values()))
+    assert layer.lora_B.grad.dtype == torch.bfloat16
+    assert layer.lora_B.grad.abs().sum() > 0
+
+
+def test_second_apply_lora_refuses_and_leaves_the_model_alone(tiny):
+    model = lora.apply_lora(_copy(tiny), r=4, alpha=8)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.apply_lora(model, r=2, alpha=4)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert model.lora_config["r"] == 4 and len(lora.lora_layers(model)) == 6
 
 
 # --- DPO
@@ -265,9 +293,32 @@ def test_sequence_logprobs_sum_only_response_tokens(course):
     ids = chosen[0]
     by_hand = sum(float(logp[t - 1, ids[t]]) for t in range(n_prompt, len(ids)))
     assert math.isclose(float(got), by_hand, rel_tol=1e-5)
-    # changing a prompt token's target to anything else must not matter
+    # the prompt's targets are ignored: whatever the model predicts there adds nothing
+    assert (batch["targets"][0, : n_prompt - 1] == sft.IGNORE).all()
+
+    def scrambled(upto: int):
+        def forward(idx, attention_mask=None):
+            logits = model(idx, attention_mask=attention_mask).clone()
+            logits[:, :upto] = torch.randn_like(logits[:, :upto]) * 10
+            return logits
+
+        return forward
+
+    with torch.no_grad():
+        prompt_scrambled = dpo.sequence_logprobs(
+            scrambled(n_prompt - 1), batch["input_ids"], batch["targets"]
+        )
+        one_more = dpo.sequence_logprobs(
+            scrambled(n_prompt), batch["input_ids"], batch["targets"]
+        )
+    assert torch.equal(prompt_scrambled, got) and not torch.equal(one_more, got)
+    # label the prompt's targets with its own next tokens: they now count, exactly
     targets = batch["targets"].clone()
-    assert (targets[0, : n_prompt - 1] == sft.IGNORE).all()
+    targets[0, : n_prompt - 1] = torch.tensor(ids[1:n_prompt])
+    with torch.no_grad():
+        with_prompt = dpo.sequence_logprobs(model, batch["input_ids"], targets)
+    prompt_part = sum(float(logp[t - 1, ids[t]]) for t in range(1, n_prompt))
+    assert math.isclose(float(with_prompt), by_hand + prompt_part, rel_tol=1e-5)
 
 
 def test_dpo_gradient_pushes_margin_up(course):
@@ -326,7 +377,7 @@ def test_shipped_finetuned_models_load_and_answer(name, course):
     assert bool(lora.lora_layers(model)) == (name == "lora")
     assert info["results"]["accuracy"]["all"] > 0.2  # the base model scores 0
     examples = [e for e in tasks.load_examples("test") if e.task == "repeat"][:16]
-    acc, _ = sft.task_accuracy(model, tok, examples)
+    acc, _ = task_accuracy(model, tok, examples)
     assert acc["all"] > 0.2, acc
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from shared.generate import (
+from shared.generation import (
     generate,
     next_token_distribution,
     top_k_filter,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.evaluate import (
+from shared.evaluation import (
     MC_TASKS,
     MCItem,
     MCResult,
@@ -20,14 +20,9 @@ from shared.evaluate import (
     score_mc,
     split_request,
 )
-from shared.export import export_hf
-from shared.harness import compare, run_lm_eval, write_task
-from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model
-
-pytest.importorskip("lm_eval")
-pytestmark = pytest.mark.skipif(
-    not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"
-)
+from shared.evaluation.harness import compare, run_lm_eval, write_task
+from shared.hf_export import export_hf
+from shared.pretrained import load_course_model
 
 N = 20  # items per task: enough to disagree somewhere, fast on two cores
 ROMEO = "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
@@ -81,7 +76,7 @@ def hf_run(hf_dir, tasks_dir):
 
 @pytest.fixture(scope="module")
 def course_lm(course):
-    from shared.harness import CourseLM
+    from shared.evaluation.harness import CourseLM
 
     return CourseLM(*course)
 
@@ -207,5 +202,29 @@ def test_run_lm_eval_keeps_the_callers_random_state(course_lm, tasks_dir):
 
 
 def test_importing_the_module_does_not_import_lm_eval():
-    code = "import sys, shared.harness; assert 'lm_eval' not in sys.modules"
+    code = "import sys, shared.evaluation.harness; assert 'lm_eval' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_request_reads_endoftext_as_the_special_token(course, hf_dir, course_lm):
+    # before: loglikelihood read "<|endoftext|>" as the special token, the rolling
+    # score and generate_until as 13 plain characters (-186.3 vs -77.8 on one text)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = course
+    hf = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=1)
+    text = "ROMEO:\nGood night.\n<|endoftext|>JULIET:\nGood night, good night!\n"
+    eot = tokenizer.special_tokens["<|endoftext|>"]
+    assert eot in tokenizer.encode(text, allowed_special="all")
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    ours = course_lm.loglikelihood_rolling(rolling)[0]
+    ((whole, _),) = loglikelihood(model, tokenizer, [("", text)])
+    assert ours == pytest.approx(whole, abs=1e-4)
+    assert ours == pytest.approx(hf.loglikelihood_rolling(rolling)[0], abs=1e-3)
+
+    gen = {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": False}
+    prompt = [
+        Instance("generate_until", {}, ("Farewell.\n<|endoftext|>KING:\n", gen), 0)
+    ]
+    assert course_lm.generate_until(prompt) == hf.generate_until(prompt)

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.export import export_hf
-from shared.generate import complete
-from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model
+from shared.generation import complete
+from shared.hf_export import export_hf
+from shared.pretrained import load_course_model
 
-pytestmark = pytest.mark.skipif(
-    not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"
-)
 PROMPTS = ["ROMEO:\n", "KING RICHARD II:\nWhat say you", "First Citizen:\n"]
 
 
@@ -41,12 +38,16 @@ def test_pipeline_greedy_text_equals_ours(base, hf_dir, prompt):
 
 
 def test_llama_cpp_greedy_text_equals_ours(base, tmp_path):
+    # optional, not pinned: llama.cpp is a C++ build the course does not require
     llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python not installed"
+        "llama_cpp", reason="llama-cpp-python is not installed (optional)"
     )
     checkout = os.environ.get("LLAMA_CPP_DIR")
     if not checkout or not (Path(checkout) / "convert_hf_to_gguf.py").exists():
-        pytest.skip("set LLAMA_CPP_DIR to a llama.cpp checkout to convert the model")
+        pytest.skip(
+            f"no llama.cpp checkout (LLAMA_CPP_DIR={checkout!r} has no "
+            "convert_hf_to_gguf.py): set LLAMA_CPP_DIR to convert the model"
+        )
     import importlib.util
 
     from shared.data import REPO_ROOT

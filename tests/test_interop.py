@@ -9,19 +9,14 @@ import logging
 import math
 import warnings
 
+import peft
 import pytest
 import torch
 
 from shared import dpo, lora, sft, tasks
-from shared.export import export_hf
-from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model
+from shared.hf_export import export_hf
+from shared.pretrained import load_course_model
 from shared.train import TrainConfig, lr_at
-
-peft = pytest.importorskip("peft")
-trl = pytest.importorskip("trl")
-pytestmark = pytest.mark.skipif(
-    not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"
-)
 
 
 @pytest.fixture(scope="module")

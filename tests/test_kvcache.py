@@ -5,8 +5,9 @@ and past the context window."""
 import pytest
 import torch
 
-from shared.generate import KVCache, generate, iter_tokens
-from shared.model import GPT, GPTConfig, position_ids_from_mask
+from shared.attention import position_ids_from_mask
+from shared.generation import KVCache, generate, iter_tokens
+from shared.model import GPT, GPTConfig
 
 VOCAB = 41
 

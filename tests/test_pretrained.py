@@ -1,25 +1,16 @@
-"""Tests of shared/pretrained.py: the recipes and the shipped Shakespeare model."""
+"""Tests of shared/recipes.py and shared/pretrained.py: the recipes and the shipped
+Shakespeare model."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from shared.evaluate import evaluate_split
 from shared.flops import parameter_counts
-from shared.generate import generate
-from shared.pretrained import (
-    LAPTOP_MODEL_DIR,
-    NANOGPT_CPU_BPC,
-    load_course_model,
-    recipe,
-)
-
-shipped = pytest.mark.skipif(
-    not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"
-)
+from shared.generation import generate
+from shared.loss import bits_per_char, evaluate_split
+from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model
+from shared.recipes import NANOGPT_CPU_BPC, recipe
 
 
 def test_recipes():
@@ -37,13 +28,11 @@ def test_missing_model_is_a_clear_error(tmp_path):
         load_course_model("cpu", path=tmp_path)
 
 
-@shipped
 def test_shipped_files_are_small():
     total = sum(f.stat().st_size for f in LAPTOP_MODEL_DIR.iterdir())
     assert total < 50 * 2**20
 
 
-@shipped
 def test_load_course_model_generates():
     model, tok, info = load_course_model("cpu")
     assert not model.training
@@ -58,21 +47,24 @@ def test_load_course_model_generates():
     assert text.startswith("ROMEO:\n") and len(text) > 40
 
 
-@shipped
-def test_reported_bits_per_char_roughly_recomputed():
+def test_reported_bits_per_char_recomputed_on_the_whole_validation_split():
     from shared.pretrained import as_ids, shakespeare_splits
 
     model, tok, info = load_course_model("cpu")
-    val = as_ids(shakespeare_splits(tok)["val_ids"])
-    n = 64 * model.config.context_length  # a slice of the validation split: fast
-    nats = evaluate_split(model, val, max_tokens=n, batch_size=32)
-    chars = len(tok.decode(val[: n + 1].tolist()))
-    bpc = nats * n / chars / math.log(2)
-    assert bpc == pytest.approx(info["results"]["val_bits_per_char"], abs=0.25)
-    assert info["results"]["val_bits_per_char"] < NANOGPT_CPU_BPC  # nanoGPT README, CPU
+    splits = shakespeare_splits(tok)
+    val, results = as_ids(splits["val_ids"]), info["results"]
+    assert len(val) == results["val_tokens"]
+    assert splits["val_chars"] == results["val_chars"]
+    # as train_shakespeare.py measures it (7-14 s on 2 cores). Measured (torch 2.13,
+    # CPU): equal to the stored figure to the last bit at batch size 32, and within
+    # 1.0e-7 bits/char at batch size 64 (only the summation order differs)
+    nats = evaluate_split(model, val, batch_size=32)
+    assert nats == pytest.approx(results["val_loss_nats_per_token"], rel=1e-5)
+    bpc = bits_per_char(nats, len(val), splits["val_chars"])
+    assert bpc == pytest.approx(results["val_bits_per_char"], rel=1e-5)
+    assert results["val_bits_per_char"] < NANOGPT_CPU_BPC  # nanoGPT README, CPU
 
 
-@shipped
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_shipped_weights_name_the_file_and_the_remedy(tmp_path, damage):
     import shutil

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shared.evaluate import bits_per_char, evaluate_split
+from shared.loss import bits_per_char, evaluate_split
 from shared.model import GPT
-from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model, shakespeare_splits
+from shared.pretrained import load_course_model, shakespeare_splits
 from shared.quantize import (
     Int8Linear,
     dequantize,
@@ -25,10 +25,9 @@ from shared.quantize import (
 
 N_WINDOWS = 32  # validation prefix: 32 windows of 128 tokens, ~1 s per model
 MIN_AGREEMENT = 0.98  # measured 0.990 on this prefix (and on the whole split)
-
-needs_model = pytest.mark.skipif(
-    not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"
-)
+# int8 weights move bits/char by a few parts in 10^4: measured on this prefix, fp32
+# 1.95384, ours 1.95333 (-2.6e-4 relative), torchao's 1.95384 (-7e-7)
+INT8_BPC_REL = 1e-3
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,7 +134,6 @@ def _result(model, ids, chars) -> dict:
     return {"bpc": bpc, "argmax": logits.argmax(-1)}
 
 
-@needs_model
 def test_quantized_shipped_model_is_smaller_and_as_good(shipped, fp32_result):
     model, ids, chars = shipped
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -153,7 +151,7 @@ def test_quantized_shipped_model_is_smaller_and_as_good(shipped, fp32_result):
     assert model_bytes(qmodel) < 0.4 * model_bytes(model)
 
     result = _result(qmodel, ids, chars)
-    assert result["bpc"] == pytest.approx(fp32_result["bpc"], rel=0.01)
+    assert result["bpc"] == pytest.approx(fp32_result["bpc"], rel=INT8_BPC_REL)
     agreement = (result["argmax"] == fp32_result["argmax"]).float().mean().item()
     assert agreement > MIN_AGREEMENT, f"argmax agrees with fp32 on {agreement:.3f}"
 
@@ -163,7 +161,6 @@ def test_quantized_shipped_model_is_smaller_and_as_good(shipped, fp32_result):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@needs_model
 def test_skipping_the_head_keeps_it_tied(shipped):
     model, _, _ = shipped
     qmodel = quantize_int8(model, skip=("lm_head",))
@@ -172,29 +169,24 @@ def test_skipping_the_head_keeps_it_tied(shipped):
     assert isinstance(qmodel.transformer.h[0].mlp.c_fc, Int8Linear)
 
 
-@needs_model
 def test_bf16_copy_is_half_the_size(shipped):
     model, _, _ = shipped
     assert model_bytes(to_bf16(model)) == model_bytes(model) // 2
     assert next(model.parameters()).dtype == torch.float32
 
 
-@needs_model
 def test_torchao_int8_weight_only_matches_fp32_loss_too(shipped, fp32_result):
     # torchao's import logs the CUDA extensions a CPU torch can't load, and torch an
     # Enum that torchao registers with torch.compile
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    quantization = pytest.importorskip(
-        "torchao.quantization",
-        reason="torchao cannot be imported (pip install torchao==0.18.0)",
-        exc_type=ImportError,  # missing, or built for another torch
-    )
+    from torchao import quantization  # pinned: a broken install fails, never skips
+
     model, ids, chars = shipped
     ao_model = copy.deepcopy(model)
     quantization.quantize_(ao_model, quantization.Int8WeightOnlyConfig())
     result = _result(ao_model, ids, chars)
-    assert result["bpc"] == pytest.approx(fp32_result["bpc"], rel=0.01)
+    assert result["bpc"] == pytest.approx(fp32_result["bpc"], rel=INT8_BPC_REL)
     agreement = (result["argmax"] == fp32_result["argmax"]).float().mean().item()
     assert agreement > MIN_AGREEMENT
     # torchao quantizes the tied head as well, leaving the embedding fp32: as ours
@@ -204,7 +196,6 @@ def test_torchao_int8_weight_only_matches_fp32_loss_too(shipped, fp32_result):
     assert ratio >= 3.5
 
 
-@needs_model
 def test_state_dict_round_trip_gives_identical_outputs(shipped, tmp_path):
     model, ids, _ = shipped
     qmodel = quantize_int8(model)

@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -21,22 +22,19 @@ import torch
 from torch import nn
 
 from shared.data import REPO_ROOT
-from shared.generate import (
-    _complete_text,
-    _text_pieces,
+from shared.generate import main
+from shared.generation import (
     complete,
     generate,
-    main,
     stream,
     stream_completion,
     unescape,
 )
-from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model
-from shared.serve import MAX_TOKENS, _finish, make_server
+from shared.generation.text import _complete_text, _text_pieces
+from shared.openai_api import MAX_TOKENS, finish
+from shared.pretrained import load_course_model
+from shared.server import make_server
 
-pytestmark = pytest.mark.skipif(
-    not (LAPTOP_MODEL_DIR / "config.json").exists(), reason="model not trained yet"
-)
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
 
 
@@ -171,7 +169,7 @@ def test_long_prompt_is_cropped_and_max_new_tokens_is_not(course):
     assert got == complete(model, tokenizer, cropped, 5, temperature=0)
     # generating past the window (the shipped model's greedy text has no end there)
     pieces = stream_completion(model, tokenizer, "ROMEO:", context + 8, temperature=0)
-    result = _finish(pieces)
+    result = finish(pieces)
     assert result.finish_reason == "length" and result.completion_tokens == context + 8
     assert len(result.text) > context
 
@@ -407,21 +405,48 @@ def test_server_refuses_a_large_body_unread(server):
 
 def test_server_serialises_concurrent_requests(course, server):
     model, tokenizer = course
-    results = {}
+    inside, most, calls, count_lock = 0, 0, 0, threading.Lock()
+    forward = model.forward
 
-    def ask(prompt: str) -> None:
+    def counted_forward(*args, **kwargs):
+        """The model's forward, counting how many run at the same time."""
+        nonlocal inside, most, calls
+        with count_lock:
+            inside, calls = inside + 1, calls + 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.002)  # a window in which an unguarded request would enter
+            return forward(*args, **kwargs)
+        finally:
+            with count_lock:
+                inside -= 1
+
+    prompts = ["ROMEO:", "JULIET:", "KING:", "First Citizen:"]
+    start, results = threading.Barrier(len(prompts)), {}
+
+    def ask(prompt: str, streamed: bool) -> None:
         body = {"prompt": prompt, "max_tokens": 20, "temperature": 0}
-        results[prompt] = json.loads(request(f"{server}/v1/completions", body)[2])
+        start.wait(timeout=10)  # all requests at once
+        _, _, answer = request(f"{server}/v1/completions", {**body, "stream": streamed})
+        if streamed:
+            chunks = [json.loads(e) for e in events(answer)[:-1]]  # then [DONE]
+            results[prompt] = "".join(c["choices"][0]["text"] for c in chunks)
+        else:
+            results[prompt] = json.loads(answer)["choices"][0]["text"]
 
-    prompts = ["ROMEO:", "JULIET:", "KING:"]
-    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    model.forward = counted_forward  # the server holds this very model
+    try:
+        threads = [threading.Thread(target=ask, args=(p, i % 2 == 1))
+                   for i, p in enumerate(prompts)]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        del model.forward
+    assert calls >= len(prompts) and most == 1, f"{most} forward passes at once"
     for prompt in prompts:
-        text = results[prompt]["choices"][0]["text"]
-        assert text == complete(model, tokenizer, prompt, 20, temperature=0)
+        assert results[prompt] == complete(model, tokenizer, prompt, 20, temperature=0)
 
 
 class Broken(nn.Module):

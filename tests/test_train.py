@@ -12,7 +12,7 @@ from tiny_lm import T, V, make_cfg, make_data, make_model
 from torch import nn
 
 from shared.dataset import BatchSampler
-from shared.evaluate import bits_per_char, estimate_loss, evaluate_split
+from shared.loss import bits_per_char, estimate_loss, evaluate_split
 from shared.train import (
     TrainConfig,
     configure_optimizer,
@@ -104,16 +104,18 @@ def test_grad_accumulation_matches_one_big_batch():
     o1.step(), o2.step()
 
 
-def test_bf16_autocast_switch_runs():
-    model = make_model()
-    hist = train(
-        model,
-        make_data(),
-        make_data(seed=1),
-        make_cfg(max_steps=4, dtype="bfloat16"),
-        progress=False,
-    )
-    assert math.isfinite(hist["train"][-1]["loss"])
+def test_bf16_autocast_trains_like_fp32():
+    runs = {
+        dtype: train(make_model(), make_data(), make_data(seed=1),
+                     make_cfg(max_steps=20, dtype=dtype), progress=False)
+        for dtype in ("float32", "bfloat16")
+    }  # fmt: skip
+    fp32, bf16 = ([r["loss"] for r in runs[d]["train"]] for d in runs)
+    assert bf16 != fp32  # the switch does run the forward pass in bf16
+    # measured: the 20 training losses differ by at most 5.1e-4 (4 steps: 2.5e-4)
+    assert bf16 == pytest.approx(fp32, abs=2e-3)
+    fp32_val, bf16_val = ([e["val_loss"] for e in runs[d]["eval"]] for d in runs)
+    assert bf16_val == pytest.approx(fp32_val, abs=2e-3)  # measured: 4.1e-4 at most
 
 
 def test_resume_is_bit_identical(tmp_path):
