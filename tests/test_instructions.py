@@ -30,7 +30,8 @@ def test_a_short_prompt_keeps_its_budget_beside_a_long_one(setup):
     n_long = len(tok.encode(long))
     assert 24 <= n_long < 32
     budgets = [4, 20]
-    alone = [answers(model, tok, [p], b)[0] for p, b in zip([long, short], budgets)]
+    pairs = zip([long, short], budgets, strict=True)
+    alone = [answers(model, tok, [p], b)[0] for p, b in pairs]
     # the short prompt really answers past the long prompt's room (32 - n_long)
     assert len(tok.encode(alone[1])) > 32 - n_long
     together = answers(model, tok, [long, short], budgets)
