@@ -97,9 +97,9 @@ def _stops(value) -> list[str]:
         return []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise APIError(400, "stop must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOPS or "" in stops:
+    if len(stops) > MAX_STOPS:  # OpenAI's limit; an empty one check_settings refuses
         raise APIError(
-            400, f"stop takes 1 to {MAX_STOPS} non-empty strings, got {stops}", "stop"
+            400, f"stop takes at most {MAX_STOPS} strings, got {stops}", "stop"
         )
     return stops
 

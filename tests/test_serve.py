@@ -359,7 +359,9 @@ BAD = [  # (method, path, body, status, words of the message)
      "temperature must be >= 0"),
     ("POST", "/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p must be in"),
     ("POST", "/v1/completions", {"prompt": "a", "top_k": 0}, 400, "top_k must be"),
-    ("POST", "/v1/completions", {"prompt": "a", "stop": [""]}, 400, "non-empty"),
+    ("POST", "/v1/completions", {"prompt": "a", "stop": [""]}, 400, "not be empty"),
+    ("POST", "/v1/completions", {"prompt": "a", "stop": list("abcde")}, 400,
+     "at most 4"),
     ("POST", "/v1/completions", {"prompt": "a", "stop": 5}, 400, "stop must be"),
     ("POST", "/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "true or false"),
     ("POST", "/v1/completions", {"prompt": "a", "n": 2}, 400, "n=2 is not supported"),
@@ -506,3 +508,33 @@ def test_serve_command_line(course):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "field, flag, value",
+    [
+        ("temperature", "--temperature", -1),
+        ("top_p", "--top-p", 0),
+        ("top_p", "--top-p", 1.5),
+        ("top_k", "--top-k", 0),
+        ("seed", "--seed", 2**64),
+        ("stop", "--stop", ""),
+    ],
+)
+def test_server_and_command_line_refuse_with_one_check(field, flag, value, capsys):
+    # one validation of sampling settings: the same value is refused by both, with
+    # the same message, and the server names the field it refused
+    from shared.generation import SettingError, check_settings
+    from shared.openai_api import APIError, parse_request
+
+    settings = {"max_new_tokens": 16, field: [value] if field == "stop" else value}
+    with pytest.raises(SettingError) as direct:
+        check_settings(**settings)
+    with pytest.raises(APIError) as served:
+        parse_request({"prompt": "x", field: value}, "base")
+    assert served.value.status == 400 and served.value.param == field
+    assert served.value.message == str(direct.value)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "base", flag, str(value)])
+    assert exit_.value.code == 2
+    assert str(direct.value) in capsys.readouterr().err
