@@ -23,7 +23,7 @@ MAX_LINES = 450
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("shared", "mode", "data", "device", "plotting", "cleaning")),
     ("data and tokenizer", ("tokenizer", "dataset", "tasks")),
-    ("model", ("attention", "model", "gpt2_weights", "flops")),
+    ("model", ("attention", "flash_attention", "model", "gpt2_weights", "flops")),
     (
         "training",
         ("precision", "loss", "checkpoint", "train", "memory", "distributed"),
@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("post-training", ("lora", "sft", "dpo")),
     ("generation", ("generation", "quantize")),
     ("evaluation", ("evaluation",)),
-    ("course models", ("recipes", "pretrained", "hf_export")),
+    ("course models", ("recipes", "pretrained", "model_spec", "hf_export")),
     (
         "command lines and server",
         ("openai_api", "server", "generate", "serve", "evaluate", "export"),
