@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from shared.attention import (
     IMPLS,
@@ -25,6 +25,7 @@ from shared.attention import (
     check_positions,
     expand_attention_mask,
 )
+from shared.recompute import checkpoint
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -178,14 +179,22 @@ class Block(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_weights: bool = False,
         cache=None,
+        recompute=None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        a = self.attn(
-            self.ln_1(x), attn_mask, position_ids, return_weights, cache=cache
-        )
-        a, weights = a if return_weights else (a, None)
+        if recompute is not None:  # selective: only the attention is recomputed
+            a, weights = recompute(self._attention, x, attn_mask, position_ids), None
+        else:
+            a = self.attn(
+                self.ln_1(x), attn_mask, position_ids, return_weights, cache=cache
+            )
+            a, weights = a if return_weights else (a, None)
         x = x + a  # the residual stream carries x unchanged
         x = x + self.mlp(self.ln_2(x))
         return (x, weights) if return_weights else x
+
+    def _attention(self, x, attn_mask, position_ids) -> torch.Tensor:
+        """The attention sublayer alone: what selective recomputation drops."""
+        return self.attn(self.ln_1(x), attn_mask, position_ids)
 
 
 def sinusoidal_table(context_length: int, n_embd: int) -> torch.Tensor:
@@ -210,6 +219,14 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def _torch_checkpoint(function, *args) -> torch.Tensor:
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
+# activation checkpointing: PyTorch's, or the course's own (chapter 5)
+RECOMPUTE = {"torch": _torch_checkpoint, "course": checkpoint}
+
+
 # ---------------------------------------------------------------------------- GPT
 
 
@@ -232,7 +249,9 @@ class GPT(nn.Module):
             table = sinusoidal_table(config.context_length, config.n_embd)
             self.register_buffer("pos_table", table, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.checkpoint_blocks = 0  # see set_activation_checkpointing (chapter 5)
+        # activation checkpointing (chapter 5): see set_activation_checkpointing
+        self.checkpoint_blocks, self.checkpoint_part = 0, "block"
+        self._recompute = RECOMPUTE["torch"]
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -315,8 +334,11 @@ class GPT(nn.Module):
         recompute = self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if recompute and i < self.checkpoint_blocks:
-                # keep only the block's input; backward runs the block again
-                x = checkpoint(block, x, mask, position_ids, use_reentrant=False)
+                if self.checkpoint_part == "block":
+                    # keep only the block's input; backward runs the block again
+                    x = self._recompute(block, x, mask, position_ids)
+                else:  # keep the MLP's activations, recompute the attention's
+                    x = block(x, mask, position_ids, recompute=self._recompute)
             else:
                 layer = kv_cache.layer(i) if kv_cache is not None else None
                 x = block(x, mask, position_ids, cache=layer)
@@ -330,13 +352,26 @@ class GPT(nn.Module):
         )
         return logits, loss
 
-    def set_activation_checkpointing(self, n_blocks: int | bool = True) -> GPT:
+    def set_activation_checkpointing(
+        self, n_blocks: int | bool = True, part: str = "block", impl: str = "torch"
+    ) -> GPT:
         """Recompute the first ``n_blocks`` blocks in backward instead of storing their
-        activations (``True``: all of them); returns the model."""
+        activations (``True``: all of them); returns the model.
+
+        ``part="attention"`` recomputes only each block's attention sublayer
+        (selective recomputation); ``impl`` is ``"torch"`` (``torch.utils.checkpoint``)
+        or ``"course"`` (``shared.recompute.checkpoint``, the same gradients).
+        """
         n = self.config.n_layer if n_blocks is True else int(n_blocks)
         if not 0 <= n <= self.config.n_layer:
             raise ValueError(f"n_blocks must be in 0..{self.config.n_layer}, got {n}")
-        self.checkpoint_blocks = n
+        if part not in ("block", "attention") or impl not in RECOMPUTE:
+            raise ValueError(
+                f"part must be 'block' or 'attention' and impl one of "
+                f"{list(RECOMPUTE)}; got {part!r}, {impl!r}"
+            )
+        self.checkpoint_blocks, self.checkpoint_part = n, part
+        self._recompute = RECOMPUTE[impl]
         return self
 
     @torch.no_grad()
