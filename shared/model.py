@@ -25,6 +25,7 @@ from shared.attention import (
     check_positions,
     expand_attention_mask,
 )
+from shared.cross_entropy import chunked_cross_entropy
 from shared.recompute import checkpoint
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
@@ -252,6 +253,7 @@ class GPT(nn.Module):
         # activation checkpointing (chapter 5): see set_activation_checkpointing
         self.checkpoint_blocks, self.checkpoint_part = 0, "block"
         self._recompute = RECOMPUTE["torch"]
+        self.loss_chunk = 0  # rows per chunk of the training loss (0: all at once)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -344,13 +346,26 @@ class GPT(nn.Module):
                 x = block(x, mask, position_ids, cache=layer)
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None and self.loss_chunk and self.training:
+            # chapter 5: the loss without the (B*T, V) logits; none are returned
+            w = self.lm_head.weight
+            return None, chunked_cross_entropy(x, w, targets, self.loss_chunk)
+        logits = self.lm_head(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
         )
         return logits, loss
+
+    def set_chunked_loss(self, chunk: int = 1024) -> GPT:
+        """Compute the training loss ``chunk`` rows at a time (0: off); ``forward``
+        then returns ``(None, loss)`` in training mode. Returns the model."""
+        if chunk < 0:
+            raise ValueError(f"chunk must be >= 0, got {chunk}")
+        self.loss_chunk = int(chunk)
+        return self
 
     def set_activation_checkpointing(
         self, n_blocks: int | bool = True, part: str = "block", impl: str = "torch"

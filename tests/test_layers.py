@@ -23,7 +23,18 @@ MAX_LINES = 450
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("shared", "mode", "data", "device", "plotting", "cleaning")),
     ("data and tokenizer", ("tokenizer", "dataset", "tasks")),
-    ("model", ("attention", "flash_attention", "recompute", "model", "gpt2_weights", "flops")),
+    (
+        "model",
+        (
+            "attention",
+            "flash_attention",
+            "recompute",
+            "cross_entropy",
+            "model",
+            "gpt2_weights",
+            "flops",
+        ),
+    ),
     (
         "training",
         ("precision", "loss", "checkpoint", "train", "memory", "distributed"),
