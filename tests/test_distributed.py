@@ -5,7 +5,11 @@ The multi-process checks (every strategy equal to one process) are in
 ``chapters/06_distributed_training/test_train_distributed.py``.
 """
 
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +151,22 @@ def test_clip_gradients_equals_torch(world_of_one):
         torch.testing.assert_close(p.grad, q.grad)
 
 
+def test_clip_gradients_takes_a_generator_as_torch_does():
+    """``model.parameters()`` is a generator: the norm pass must not use it up."""
+    a, b = tiny(), tiny()
+    idx = torch.randint(0, 50, (2, 16))
+    for m in (a, b):
+        m(idx, idx)[1].mul(100).backward()
+    n1 = torch.nn.utils.clip_grad_norm_(a.parameters(), 0.5)
+    n2 = D.clip_gradients(b.parameters(), 0.5)
+    assert n2 > 1.0  # large enough that clipping has to act
+    torch.testing.assert_close(n1, n2)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    clipped = torch.stack([p.grad.norm() for p in b.parameters()]).norm()
+    assert clipped.item() == pytest.approx(0.5, rel=1e-5)  # clipped to max_norm
+
+
 def test_rank_batches_deal_out_the_global_batch(tmp_path):
     ids = torch.arange(2000)
     one = D.rank_batches(ids, 10, micro_batch=4, num_replicas=1, rank=0, seed=3)
@@ -189,3 +209,65 @@ def test_launch_stops_a_hung_script(tmp_path):
     hang.write_text("import time\ntime.sleep(60)\n")  # silent: no line to wake on
     with pytest.raises(TimeoutError, match="stopped"):
         D.launch(hang, nproc=0, echo=None, timeout=1)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (reaped or not, it no longer runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")  # Linux: the state follows the command name
+    return not (stat.exists() and stat.read_text().rpartition(")")[2].split()[0] == "Z")
+
+
+def test_launch_timeout_stops_the_workers_too(tmp_path):
+    """torchrun starts each worker in a session of its own: killing torchrun alone
+    left them running, holding the log pipe open, and launch() waited for them."""
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import os, time\nprint('worker', os.getpid(), flush=True)\n"
+                       "time.sleep(60)\n")  # fmt: skip
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match="stopped"):
+        D.launch(sleeper, nproc=2, echo=lines.append, timeout=8)
+    assert time.perf_counter() - t0 < 25  # not the workers' 60 s
+    pids = [int(ln.split()[-1]) for ln in lines if ln.startswith("worker ")]
+    assert len(pids) == 2, lines
+    time.sleep(0.5)  # SIGKILL is delivered at once; give the kernel a moment
+    assert not [pid for pid in pids if alive(pid)]
+
+
+FROZEN = """
+import os, signal, torch, torch.distributed as dist
+from shared import distributed as D
+env = D.init_distributed("cpu", timeout=5)
+x = torch.ones(1)
+dist.all_reduce(x)  # both ranks are up
+if env.rank == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)  # neither crashes nor exits: it stops
+dist.all_reduce(x)  # rank 0 waits for rank 1
+"""
+
+
+def test_a_frozen_rank_fails_the_others_after_the_group_timeout(tmp_path):
+    """Rank 1 stops itself (SIGSTOP); rank 0's collective raises after 5 s instead of
+    waiting gloo's default 30 minutes. (Under torchrun the job then ends: it gives
+    the stopped rank 30 s to answer SIGTERM, then kills it.)"""
+    script = tmp_path / "frozen.py"
+    script.write_text(FROZEN)
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(D.free_port()),
+                        "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    ranks = [
+        subprocess.Popen([sys.executable, script], env=env | {"RANK": str(r)}, **out)
+        for r in range(2)
+    ]
+    try:
+        log, _ = ranks[0].communicate(timeout=60)  # without a timeout: 30 minutes
+    finally:
+        for rank in ranks:  # SIGKILL ends a stopped process too
+            rank.kill()
+            rank.wait()
+    assert ranks[0].returncode != 0
+    assert "Timed out waiting 5000ms" in log, log[-2000:]

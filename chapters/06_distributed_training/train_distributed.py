@@ -198,6 +198,8 @@ def deepspeed_setup(args, env, cfg, model) -> Setup:
     """DeepSpeed's ZeRO stage 1, 2 or 3 around our own model and AdamW."""
     import sys
 
+    if env.device.type == "cpu":  # CPU processes (float64 too) even on a GPU machine
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401 (the module patched below)
 
@@ -214,10 +216,19 @@ def deepspeed_setup(args, env, cfg, model) -> Setup:
         "zero_allow_untested_optimizer": True,  # our torch AdamW, not DeepSpeed's
         "steps_per_print": 10**9,
     }
+    optimizer = adamw(model, cfg, args.adam_eps)  # groups by shape: before sharding
+    if config["zero_optimization"]["stage"] == 3:
+        # ZeRO-3 partitions the model with zero.Init, whose dtype must be fp16, bf16
+        # or fp32. DeepSpeed hands it the model's: float64 is refused where its
+        # accelerator reports fp16 (GPUs, Macs, CPUs with AVX512-FP16) and, through
+        # an operator-precedence slip, replaced by bf16 elsewhere. We partition the
+        # model ourselves and name fp32, the dtype of ZeRO's master weights: zero.Init
+        # uses it only for tensors created inside it; partitioning casts nothing.
+        deepspeed.zero.Init(module=model, config_dict_or_path=config,
+                            dtype=torch.float32)  # fmt: skip
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=adamw(model, cfg, args.adam_eps), config=config,
-        dist_init_required=False,
-    )  # fmt: skip
+        model=model, optimizer=optimizer, config=config, dist_init_required=False
+    )
     return Setup(engine, optimizer, env.world_size, env.rank, engine=engine)
 
 
