@@ -37,7 +37,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "training",
-        ("precision", "loss", "checkpoint", "train", "memory", "distributed"),
+        (
+            "precision",
+            "loss_scaling",
+            "loss",
+            "checkpoint",
+            "train",
+            "memory",
+            "distributed",
+        ),
     ),
     ("post-training", ("lora", "sft", "dpo")),
     ("generation", ("generation", "quantize")),
