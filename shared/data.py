@@ -13,13 +13,14 @@ A file whose SHA-256 does not match is never kept.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,31 +155,145 @@ def _copy_atomic(src: Path, dest: Path) -> None:
         shutil.copyfileobj(f, out)
 
 
+class DiskFullError(OSError):
+    """The disk filled up while a file was written; the file's old version is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without "[Errno 28]"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for a full disk, as ``OSError`` or as a library's own error text."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(err) or "os error 28" in str(err)
+
+
+def _device_of(path: Path) -> str:
+    """``/dev/sda1 (mounted at /home)``: the device that holds ``path``."""
+    mount = Path(os.path.abspath(path))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    device = "the device"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 1 and fields[1] == str(mount):
+                device = fields[0]  # the last entry for a mount point is in force
+    return f"{device} (mounted at {mount})"
+
+
+def disk_full_error(path: str | os.PathLike, err: BaseException) -> DiskFullError:
+    """The error to raise for ``err``, a full disk met while writing ``path``."""
+    path = Path(path)
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on {_device_of(path.parent)} while writing {path} "
+        f"({type(err).__name__}: {err}); the files there before are unchanged. "
+        "Free some space and run it again.",
+    )
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or, where the system allows, a folder) to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return  # folders cannot be opened on Windows; nothing to flush there
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not path.is_dir() or is_disk_full(err):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_files(folder: str | os.PathLike) -> Iterator[Callable[[str], Path]]:
+    """Replace several files of ``folder`` all at once, or none of them.
+
+    ``part(name)`` gives a temporary path beside ``folder/name`` for a writer to
+    fill. When the block ends, every part is flushed to the disk (fsync) and only
+    then renamed over its name, so readers see the old files or the new ones, never
+    a half-written file. An exception removes the parts, and any folder this call
+    created, and leaves the old files as they were; a full disk is reported as
+    :class:`DiskFullError` naming the file and the device.
+    """
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: dict[Path, Path] = {}  # final path -> temporary path
+    writing: list[Path] = [folder]  # the file being written, for the error message
+
+    def part(name: str) -> Path:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".part-{name}-")
+        os.close(fd)
+        if folder / name in parts:  # asked for twice: the later part wins
+            parts[folder / name].unlink(missing_ok=True)
+        parts[folder / name] = Path(tmp)
+        writing.append(folder / name)
+        return Path(tmp)
+
+    done = False
+    try:
+        try:
+            yield part
+            for final, tmp in parts.items():
+                writing.append(final)
+                _fsync(tmp)
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary files
+            for final, tmp in parts.items():  # renames take no space
+                os.replace(tmp, final)
+            _fsync(folder)
+            done = True
+        except Exception as err:
+            if is_disk_full(err) and not isinstance(err, DiskFullError):
+                raise disk_full_error(writing[-1], err) from err
+            raise
+    finally:
+        if not done:
+            for tmp in parts.values():
+                tmp.unlink(missing_ok=True)
+            for p in created:  # deepest first; rmdir only removes empty ones
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    fd = os.open(
+        path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+    )
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def write_files(folder: str | os.PathLike, files: dict[str, bytes | str]) -> list[Path]:
+    """Write ``{name: contents}`` into ``folder`` with :func:`atomic_files` (str as
+    UTF-8): all the files are replaced, or none. Returns their paths."""
+    with atomic_files(folder) as part:
+        for name, data in files.items():
+            _write_bytes(part(name), data.encode() if isinstance(data, str) else data)
+    return [Path(folder) / name for name in files]
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[IO]:
     """Write to a temporary file beside ``path``; move it into place only on success.
 
     Readers never see a half-written file, and an exception leaves nothing behind:
-    no file, and no folder that this call created. ``mode`` and ``kwargs`` go to
-    ``open`` (e.g. ``"w", encoding="utf-8"``).
+    no file, and no folder that this call created (:func:`atomic_files` for one
+    file). ``mode`` and ``kwargs`` go to ``open`` (e.g. ``"w", encoding="utf-8"``).
     """
     path = Path(path)
-    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-    done = False
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary files
-        os.replace(tmp, path)
-        done = True
-    finally:
-        if not done:
-            os.unlink(tmp)
-            for folder in created:  # deepest first; rmdir only removes empty ones
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+    with atomic_files(path.parent) as part, open(part(path.name), mode, **kwargs) as f:
+        yield f
 
 
 def _offline_message(

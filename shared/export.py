@@ -1,5 +1,5 @@
-"""``python -m shared.export hf OUT_DIR [--model DIR]``: a course model as a Hugging
-Face GPT-2 folder (the conversion itself is ``shared.hf_export``)."""
+"""``python -m shared.export hf OUT_DIR [--model NAME_OR_DIR] [--overwrite]``: a course
+model as a Hugging Face GPT-2 folder (the conversion itself is ``shared.hf_export``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from shared.hf_export import export_course_model
-from shared.pretrained import LAPTOP_MODEL_DIR
+from shared.model_spec import MODEL_HELP, find_model
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -19,14 +19,19 @@ def main(argv: list[str] | None = None) -> Path:
     formats = ap.add_subparsers(dest="format", required=True)
     hf = formats.add_parser("hf", help="a Hugging Face GPT-2 folder")
     hf.add_argument("out_dir", type=Path, help="the folder to write")
+    hf.add_argument("--model", default="base", help=f"{MODEL_HELP} (default base)")
     hf.add_argument(
-        "--model",
-        type=Path,
-        default=LAPTOP_MODEL_DIR,
-        help="a course model folder (default: the shipped Shakespeare model)",
+        "--overwrite",
+        action="store_true",
+        help="replace a folder that holds anything but an earlier export of the "
+        "same model (its other files are deleted; subfolders are kept)",
     )
     args = ap.parse_args(argv)
-    out = export_course_model(args.model, args.out_dir)
+    try:  # a bad --model is refused before any work
+        model = find_model(args.model)
+    except (ValueError, OSError) as err:
+        hf.error(" ".join(str(err).split()))
+    out = export_course_model(model, args.out_dir, overwrite=args.overwrite)
     print(f"exported {args.model} as a Hugging Face GPT-2 folder: {out}")
     for path in sorted(out.iterdir()):
         print(f"  {path.name:<24} {path.stat().st_size / 1024:>9.1f} KiB")

@@ -13,8 +13,21 @@ and ``GPT2TokenizerFast.from_pretrained`` (and the ``Auto`` classes) read::
       special_tokens_map.json
       course_info.json        the course's own record (configs, results), if given
 
-From the command line: ``python -m shared.export hf OUT_DIR [--model DIR]``
-(``export_course_model``: a shipped model folder, its LoRA adapter merged).
+From the command line: ``python -m shared.export hf OUT_DIR [--model NAME_OR_DIR]
+[--overwrite]`` (``export_course_model``: any model ``--model`` names, a LoRA adapter
+merged into its base).
+
+Nothing is lost: ``OUT_DIR`` may be new, empty, or an earlier export of the same
+model, that is, only an export's files and either the same weights (re-running an
+export is harmless) or a ``course_info.json`` that records an export of the same
+course model (its ``name``, e.g. ``shakespeare-laptop``, retrained since) whose
+``model.safetensors`` nobody has changed since. Any other folder (another model, a
+tokenizer's own ``vocab.json``, another model's export, weights trained further in
+Hugging Face) is refused, naming what is there, unless ``--overwrite``; then the
+export replaces the files of the same name and deletes the folder's other files
+(subfolders are kept), but only once every new file is complete. A course model
+folder is never overwritten. The files are written to temporary names, flushed to
+the disk and renamed, so a full disk leaves the folder as it was.
 
 The Hugging Face tokenizer gives the course tokenizer's ids, with three exceptions:
 
@@ -30,16 +43,20 @@ The Hugging Face tokenizer gives the course tokenizer's ids, with three exceptio
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from shared.data import sha256sum, write_files
 from shared.gpt2_weights import CONV1D_WEIGHTS
 from shared.lora import lora_layers, merge_lora
 from shared.model import GPT
-from shared.pretrained import load_course_model
+from shared.model_spec import ModelSpec, load_model
 from shared.tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, readable
 
 MERGES_HEADER = "#version: 0.2"  # the first line of GPT-2's merges.txt
@@ -164,9 +181,15 @@ def save_hf_tokenizer(
     tokenizer: BPETokenizer, out_dir: str | Path, model_max_length: int
 ) -> list[Path]:
     """Write the tokenizer files of a Hugging Face GPT-2 folder; returns their paths."""
+    return write_files(out_dir, hf_tokenizer_files(tokenizer, model_max_length))
+
+
+def hf_tokenizer_files(
+    tokenizer: BPETokenizer, model_max_length: int
+) -> dict[str, str]:
+    """The tokenizer files of a Hugging Face GPT-2 folder: ``{name: text}``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    out = Path(out_dir)
     vocab, merges = hf_vocab(tokenizer), hf_merges(tokenizer)
     eot = ENDOFTEXT if ENDOFTEXT in tokenizer.special_tokens else None
     specials = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
@@ -196,48 +219,111 @@ def save_hf_tokenizer(
         added_tokens_decoder=added,
     )
     tokenizer_config |= special_map
-    paths = {
-        name: out / name
-        for name in (
-            "vocab.json",
-            "merges.txt",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        )
-    }
-    paths["vocab.json"].write_text(
-        json.dumps(vocab, ensure_ascii=False), encoding="utf-8"
-    )
+    special_tokens_map = {k: v for k, v in special_map.items() if v}
     lines = [MERGES_HEADER] + [f"{a} {b}" for a, b in merges]
-    paths["merges.txt"].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    fast.save(str(paths["tokenizer.json"]))
-    for name, data in [
-        ("tokenizer_config.json", tokenizer_config),
-        ("special_tokens_map.json", {k: v for k, v in special_map.items() if v}),
-    ]:
-        paths[name].write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return list(paths.values())
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "\n".join(lines) + "\n",
+        "tokenizer.json": fast.to_str(pretty=True),  # as Tokenizer.save writes it
+        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps(special_tokens_map, indent=2) + "\n",
+    }
 
 
 # ---------------------------------------------------------------------------- export
 
 
-def _check_out_dir(out: Path) -> None:
-    """Refuse to overwrite a course model folder (its config.json is not HF's)."""
+# every file an export writes (course_info.json only when there is information)
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors",
+                "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "course_info.json")  # fmt: skip
+
+
+def _is_course_model_folder(out: Path) -> bool:
+    """A course model folder (data/models/*): config.json without HF's model_type."""
+    config = out / "config.json"
+    if not config.exists():
+        return False
+    try:
+        return "model_type" not in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return True  # not Hugging Face's either: never overwritten
+
+
+def _describe(out: Path, present: list[str]) -> str:
+    """What a folder holds, for an error message: its files and what they look like."""
+    names = [n + "/" * (out / n).is_dir() for n in present]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" * (len(names) > 10))
+    with contextlib.suppress(OSError, ValueError, LookupError, AttributeError):
+        config = json.loads((out / "config.json").read_text())
+        model_type = config.get("model_type", "?")
+        shown += f" (a Hugging Face {model_type} model"
+        shown += (
+            f", {config['architectures'][0]})" if config.get("architectures") else ")"
+        )
+    return shown
+
+
+def _earlier_export(out: Path, name) -> bool:
+    """Was ``out`` written by an export of the model called ``name``, and is its
+    ``model.safetensors`` still the one that export wrote?"""
+    try:
+        info = json.loads((out / "course_info.json").read_text(encoding="utf-8"))
+        record = info.get("hf_export") or {}
+        return (
+            bool(name)
+            and record.get("name") == name
+            and record.get("model_sha256") == sha256sum(out / "model.safetensors")
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_dir(
+    out: Path, weights: bytes, overwrite: bool = False, name: str | None = None
+) -> list[Path]:
+    """Refuse to write an export into ``out`` where that would lose anything.
+
+    ``out`` may be missing, empty, or hold an earlier export of the same model:
+    only files an export writes, and either its ``model.safetensors`` byte for
+    byte the one about to be written (``weights``), or its ``course_info.json``
+    recording an export of the model called ``name`` whose ``model.safetensors``
+    is unchanged since (the model was retrained and is exported again). Anything
+    else (another model, a tokenizer's own files, another model's export, weights
+    changed after the export) needs ``overwrite``; a course model folder is never
+    overwritten. Returns the files that ``overwrite`` will delete: those that are
+    not part of the export (subfolders are left alone).
+    """
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
-    config = out / "config.json"
-    if config.exists():
-        try:
-            hf = "model_type" in json.loads(config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-            hf = False
-        if not hf:
-            raise ValueError(
-                f"{out} holds a config.json that is not a Hugging Face config "
-                "(a course model folder?): export to another folder"
-            )
+    if _is_course_model_folder(out):
+        raise ValueError(
+            f"{out} holds a config.json that is not a Hugging Face config "
+            "(a course model folder?): export to another folder"
+        )
+    if not out.exists():
+        return []
+    present = sorted(p.name for p in out.iterdir() if not p.name.startswith(".part-"))
+    if not present:
+        return []
+    others = [n for n in present if n not in EXPORT_FILES]
+    old = out / "model.safetensors"
+    same = old.is_file() and sha256sum(old) == hashlib.sha256(weights).hexdigest()
+    if (same or _earlier_export(out, name)) and not others:
+        return []  # an earlier export of the same model: nothing is lost
+    if overwrite:
+        return [out / n for n in others if (out / n).is_file()]
+    why = [f"files an export does not write: {', '.join(others)}"] if others else []
+    if old.exists() and not same:
+        why.append("its model.safetensors holds other weights")
+    raise FileExistsError(
+        f"{out} is not empty and is not an earlier export of this model: it holds "
+        f"{_describe(out, present)}; {'; '.join(why or ['no model.safetensors'])}. "
+        "Nothing was written. Export to another folder, or overwrite it "
+        "(--overwrite on the command line, overwrite=True in Python): the export "
+        "replaces the files of the same name and deletes its other files "
+        "(subfolders are kept)."
+    )
 
 
 def export_hf(
@@ -245,31 +331,51 @@ def export_hf(
     tokenizer: BPETokenizer,
     out_dir: str | Path,
     info: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` and ``tokenizer`` as a Hugging Face GPT-2 folder; returns it."""
-    from safetensors.torch import save_file
+    """Write ``model`` and ``tokenizer`` as a Hugging Face GPT-2 folder; returns it.
+
+    All files are written to temporary names, flushed to the disk and then renamed
+    (``shared.data.write_files``): a full disk or a crash leaves ``out_dir`` as it
+    was. A folder that holds anything but an earlier export of the same model is
+    refused unless ``overwrite`` (``check_out_dir``). ``course_info.json`` (written
+    when ``info`` is given) records the export: ``info["name"]`` and the SHA-256 of
+    the ``model.safetensors`` written.
+    """
+    from safetensors.torch import save
     from transformers import GenerationConfig
 
     check_exportable(model)
     check_tokenizer(tokenizer, model.config.vocab_size)
     out = Path(out_dir)
-    _check_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    weights = save(hf_state_dict(model), {"format": "pt"})
+    name = (info or {}).get("name")
+    stale = check_out_dir(out, weights, overwrite, name)
 
     config = hf_config(model, tokenizer)
-    config.save_pretrained(out)
-    save_file(hf_state_dict(model), out / "model.safetensors", {"format": "pt"})
     eot = config.eos_token_id
     generation = GenerationConfig(
         bos_token_id=eot,
         eos_token_id=eot,
         pad_token_id=eot,  # batched generate pads finished rows with it
     )
-    generation.save_pretrained(out)
-    save_hf_tokenizer(tokenizer, out, model.config.context_length)
+    files: dict[str, bytes | str] = {}
+    with tempfile.TemporaryDirectory() as scratch:  # Hugging Face writes folders
+        config.save_pretrained(scratch)
+        generation.save_pretrained(scratch)
+        for file in ("config.json", "generation_config.json"):
+            files[file] = (Path(scratch) / file).read_bytes()
+    files["model.safetensors"] = weights
+    files |= hf_tokenizer_files(tokenizer, model.config.context_length)
     if info is not None:
-        text = json.dumps(info, indent=1, ensure_ascii=False) + "\n"
-        (out / "course_info.json").write_text(text, encoding="utf-8")
+        record = {"name": name, "model_sha256": hashlib.sha256(weights).hexdigest()}
+        info = {**info, "hf_export": record}
+        files["course_info.json"] = (
+            json.dumps(info, indent=1, ensure_ascii=False) + "\n"
+        )
+    write_files(out, files)
+    for path in stale:  # only now that the export is complete
+        path.unlink()
     return out
 
 
@@ -281,11 +387,14 @@ def load_hf(out_dir: str | Path):
     return model, GPT2TokenizerFast.from_pretrained(out_dir)
 
 
-def export_course_model(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Export a course model folder (a LoRA adapter folder: base and adapter merged)
-    as a Hugging Face GPT-2 folder, with its ``config.json`` as ``course_info.json``."""
-    model, tokenizer, info = load_course_model("cpu", path=model_dir)
+def export_course_model(
+    model_dir: str | Path | ModelSpec, out_dir: str | Path, overwrite: bool = False
+) -> Path:
+    """Export a course model (anything ``--model`` names, ``shared.model_spec``; a
+    LoRA adapter: base and adapter merged) as a Hugging Face GPT-2 folder, with its
+    ``config.json`` as ``course_info.json``; ``overwrite`` as in ``export_hf``."""
+    model, tokenizer, info = load_model(model_dir, "cpu")
     if lora_layers(model):
         merge_lora(model)
         print(f"merged the LoRA adapter of {model_dir} into its base model")
-    return export_hf(model, tokenizer, out_dir, info)
+    return export_hf(model, tokenizer, out_dir, info, overwrite)

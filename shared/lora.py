@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from shared.data import write_files
 
 # PEFT names GPT-2's modules the same way (its Conv1D layers hold the weight
 # transposed, which PEFT's fan_in_fan_out=True accounts for)
@@ -152,8 +154,6 @@ def save_peft_adapter(
     cfg = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("model has no LoRA adapter (use apply_lora first)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -169,11 +169,14 @@ def save_peft_adapter(
         "use_rslora": False,
         "use_dora": False,
     }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(adapter_state_dict(model), out / "adapter_model.safetensors")
+    files = {
+        "adapter_config.json": json.dumps(config, indent=2) + "\n",
+        "adapter_model.safetensors": save(adapter_state_dict(model)),
+    }
     if extra is not None:
-        (out / "course.json").write_text(json.dumps(extra, indent=1) + "\n")
-    return out
+        files["course.json"] = json.dumps(extra, indent=1) + "\n"
+    write_files(out_dir, files)  # all replaced together, or (full disk) none
+    return Path(out_dir)
 
 
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:

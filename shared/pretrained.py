@@ -14,10 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from shared.checkpoint import config_dict, load_weights
-from shared.data import REPO_ROOT, read_text
+from shared.checkpoint import (
+    CheckpointError,
+    check_config_fields,
+    config_dict,
+    load_weights,
+    read_json_file,
+)
+from shared.data import REPO_ROOT, atomic_files, read_text, sha256sum
 from shared.dataset import token_ids_cached, train_val_split
 from shared.device import get_device
 from shared.model import GPT, GPTConfig
@@ -75,13 +80,23 @@ def load_course_model(
             "train_shakespeare.py (base) or chapters/07_finetuning_dpo/"
             "train_finetuned.py (sft, lora, dpo) to train it"
         )
-    info = json.loads((path / "config.json").read_text())
-    model = GPT(GPTConfig(**info["model_config"]))
     remedy = (
-        "restore the shipped file (`git checkout -- data/models`) or retrain it with "
-        "chapters/04_pretraining/train_shakespeare.py"
+        "restore the shipped files (`git checkout -- data/models`) or retrain the "
+        "model (chapters/04_pretraining/train_shakespeare.py for the base, "
+        "chapters/07_finetuning_dpo/train_finetuned.py for the fine-tuned ones)"
     )
-    load_weights(model, path / "model.safetensors", remedy)
+    config_file = path / "config.json"
+    info = read_json_file(config_file, ("model_config", "tokenizer_file"), None, remedy)
+    check_config_fields(info["model_config"], GPTConfig, config_file, "model_config")
+    try:
+        model = GPT(GPTConfig(**info["model_config"]))
+    except (TypeError, ValueError) as err:
+        what = f"{config_file}: 'model_config' is not a valid GPTConfig ({err})"
+        raise CheckpointError(f"{what}; {remedy}") from err
+    weights = path / "model.safetensors"
+    load_weights(model, weights, remedy, str(config_file))
+    what = f"the file {config_file} describes (its 'weights_sha256')"
+    check_weights(weights, info.get("weights_sha256"), what, remedy)
     tokenizer = BPETokenizer.load(path / info["tokenizer_file"])
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(
@@ -95,42 +110,61 @@ def load_course_model(
 def _load_adapter_model(path: Path, device) -> tuple[GPT, object, dict]:
     from shared.lora import load_peft_adapter  # post-training layer: only for adapters
 
-    info = json.loads((path / "course.json").read_text())
-    model, tokenizer, _ = load_course_model(device, path=path / info["base"])
+    info = read_json_file(path / "course.json", ("base",))
+    base = path / info["base"]
+    check_weights(
+        base / "model.safetensors",
+        info.get("base_weights_sha256"),
+        f"the base model the LoRA adapter {path} was trained on (course.json's "
+        "'base_weights_sha256'), so the adapter would run on another model",
+        "restore that base (`git checkout -- data/models`) or retrain the adapter "
+        "with chapters/07_finetuning_dpo/train_finetuned.py lora",
+    )
+    model, tokenizer, _ = load_course_model(device, path=base)
     load_peft_adapter(model, path)  # adapters are made on the base weights' device
     model.eval()
     return model, tokenizer, info
 
 
+def weights_sha256(folder: str | Path) -> str:
+    """SHA-256 of a model folder's ``model.safetensors`` (``sha256sum`` gives it too):
+    how a fine-tuned model or an adapter records the base it was trained on."""
+    return sha256sum(Path(folder) / "model.safetensors")
+
+
+def check_weights(file: Path, expected: str | None, what: str, remedy: str) -> None:
+    """Raise CheckpointError unless ``file`` hashes to ``expected`` (None: unknown)."""
+    if expected is None or not file.exists():
+        return  # written before hashes were recorded; a missing file is named later
+    actual = sha256sum(file)
+    if actual != expected:
+        raise CheckpointError(
+            f"{file} is not {what}: its SHA-256 is {actual}, expected {expected} "
+            f"(the files come from different training runs); {remedy}"
+        )
+
+
 def save_course_model(model: GPT, tokenizer, folder: str | Path, info: dict) -> Path:
     """Write ``model.safetensors``, ``tokenizer.json`` and ``config.json`` (``info``
-    with the model's config added) so ``load_course_model(path=folder)`` loads it."""
+    with the model's config and ``weights_sha256`` added) so
+    ``load_course_model(path=folder)`` loads it.
+
+    All three files are replaced together or not at all (``atomic_files``): a full
+    disk or a crash leaves the folder's earlier model as it was.
+    """
     from safetensors.torch import save_model
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(folder / "model.safetensors"))
-    tokenizer.save(folder / "tokenizer.json")
-    info = {**info, "tokenizer_file": "tokenizer.json",
-            "model_config": config_dict(model.config)}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(info, indent=1) + "\n")
-    return folder
+    with atomic_files(folder) as part:
+        weights = part("model.safetensors")
+        save_model(model, str(weights))
+        part("tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        info = {**info, "tokenizer_file": "tokenizer.json",
+                "model_config": config_dict(model.config),
+                "weights_sha256": sha256sum(weights)}  # fmt: skip
+        part("config.json").write_text(json.dumps(info, indent=1) + "\n")
+    return Path(folder)
 
 
 def as_ids(array) -> np.ndarray:
     """Token ids as int64 (cached ids are uint16 to save space)."""
     return np.asarray(array, dtype=np.int64)
-
-
-def load_model(spec: str, device: str | None = None) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)``: a course model by name ("base", "sft", ...) or folder."""
-    if spec in COURSE_MODELS:
-        model, tokenizer, _ = load_course_model(device, name=spec)
-    elif Path(spec).is_dir():
-        model, tokenizer, _ = load_course_model(device, path=spec)
-    else:
-        raise ValueError(
-            f"unknown model {spec!r}: give one of {list(COURSE_MODELS)} or a model "
-            "folder (config.json + model.safetensors, or a LoRA adapter)"
-        )
-    return model, tokenizer

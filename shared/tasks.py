@@ -15,15 +15,17 @@ the words not reversed, a count off by one, the line left in modern English).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shared.data import REPO_ROOT
+from shared.data import REPO_ROOT, atomic_write
 
 DATA_DIR = REPO_ROOT / "data" / "finetune"
 SPEAKERS = (
@@ -229,25 +231,74 @@ def check_answer(example: Example | dict, response: str) -> bool:
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    """Rows (dataclasses or dicts) as one JSON object per line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    """Rows (dataclasses or dicts) as one JSON object per line (atomically)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(asdict(row) if hasattr(row, "task") else row,
                                ensure_ascii=False) + "\n")  # fmt: skip
     return path
 
 
+def read_jsonl(path: Path, row: type, check: Callable | None = None) -> list:
+    """The rows of a JSON-lines file as ``row`` dataclasses (blank lines skipped).
+
+    An empty file, a line that is not a JSON object with exactly ``row``'s fields,
+    or a row for which ``check(row)`` returns a complaint raises ValueError naming
+    the file and the line.
+    """
+    fields = [f.name for f in dataclasses.fields(row)]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: not a JSON object: {line[:80]!r}")
+        if missing := [k for k in fields if k not in data]:
+            raise ValueError(f"{where}: lacks the field(s) {', '.join(missing)}")
+        if unknown := [k for k in data if k not in fields]:
+            raise ValueError(
+                f"{where}: unknown field(s) {', '.join(unknown)} ({row.__name__} has "
+                f"{', '.join(fields)})"
+            )
+        item = row(**data)
+        if check is not None and (problem := check(item)):
+            raise ValueError(f"{where}: {problem}")
+        rows.append(item)
+    if not rows:
+        raise ValueError(f"{path} is empty: it holds no {row.__name__} rows")
+    return rows
+
+
+def _text_fields(*names: str) -> Callable:
+    """A ``read_jsonl`` check: the named fields are strings."""
+
+    def check(item) -> str | None:
+        for name in names:
+            value = getattr(item, name)
+            if not isinstance(value, str):
+                return f"{name!r} is not a string: {value!r}"
+        return None
+
+    return check
+
+
 def load_examples(split: str = "train", folder: Path | None = None) -> list[Example]:
     """The committed instruction examples of ``split`` ("train" or "test")."""
     path = (folder or DATA_DIR) / f"instructions-{split}.jsonl"
-    return [Example(**json.loads(line)) for line in path.read_text().splitlines()]
+    text = _text_fields("task", "instruction", "input", "output")
+    return read_jsonl(path, Example, text)
 
 
 def load_pairs(split: str = "train", folder: Path | None = None) -> list[Pair]:
     """The committed preference pairs of ``split`` ("train" or "test")."""
     path = (folder or DATA_DIR) / f"preferences-{split}.jsonl"
-    return [Pair(**json.loads(line)) for line in path.read_text().splitlines()]
+    text = _text_fields("task", "kind", "instruction", "input", "chosen", "rejected")
+    return read_jsonl(path, Pair, text)
 
 
 def task_counts(rows: list) -> Counter:

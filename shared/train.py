@@ -168,7 +168,7 @@ def train(
             raise ValueError("resume=True needs checkpoint_dir")
         meta = load_checkpoint(
             checkpoint_dir, model, optimizer, sampler=sampler, train_config=cfg,
-            allow_changes=allow_config_change,
+            allow_config_change=allow_config_change,
         )  # fmt: skip
         step, history = meta["step"], meta["history"]
         elapsed = history.get("elapsed_s", 0.0)

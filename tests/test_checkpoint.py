@@ -8,7 +8,9 @@ resumes from the checkpoint, and compares every loss and every final weight.
 
 from __future__ import annotations
 
+import errno
 import json
+import pathlib
 
 import pytest
 import torch
@@ -174,6 +176,11 @@ def test_resuming_with_other_training_settings_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"lr: 0.003 -> 0.01; seed: 7 -> 8"):
         train(make_model(), make_data(), make_data(seed=1), changed,
               checkpoint_dir=tmp_path, resume=True, progress=False)  # fmt: skip
+    # the hint names the scripts' flag and the Python argument, both as spelled
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(tmp_path, make_model(), train_config=changed)
+    assert "--allow-config-change" in str(refused.value)
+    assert "allow_config_change=True" in str(refused.value)
     # evaluation and logging settings do not change the run
     relogged = TrainConfig(**{**CFG.to_dict(), "log_interval": 1, "eval_iters": 3})
     hist = train(make_model(), make_data(), make_data(seed=1), relogged,
@@ -267,3 +274,117 @@ def test_damaged_weights_name_the_file_and_the_remedy(tmp_path, damage):
         load_checkpoint(tmp_path, model)
     with pytest.raises(CheckpointError, match="git checkout"):
         load_weights(model, file, "restore it with git checkout")
+
+
+# ------------------------------------------------------------------------ nothing lost
+
+
+def test_a_stale_temporary_folder_of_a_killed_save_does_not_block_the_resume(tmp_path):
+    run(make_model(), checkpoint_dir=tmp_path, stop_at=16)
+    # a save of step 20 killed (SIGKILL) half-way left its temporary folder behind
+    stale = tmp_path / ".tmp-step-000020"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    (stale / "stray").write_bytes(b"")
+    hist = run(make_model(seed=5), checkpoint_dir=tmp_path, resume=True)
+    assert hist["train"][-1]["step"] == CFG.max_steps == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000020"]
+    saved = sorted(p.name for p in (tmp_path / "step-000020").iterdir())
+    assert saved == ["checkpoint.json", "model.safetensors", "state.pt"]
+    assert load_checkpoint(tmp_path, make_model())["step"] == 20
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous(
+    tmp_path, monkeypatch
+):
+    model = make_model()
+    before = save_checkpoint(tmp_path, model, None, 3)
+    real_torch_save, real_write_bytes = torch.save, pathlib.Path.write_bytes
+
+    def torch_save(obj, f, *args, **kwargs):
+        if not isinstance(f, (str, pathlib.Path)):
+            return real_torch_save(obj, f, *args, **kwargs)  # into memory
+        pathlib.Path(f).write_bytes(b"PK\x03\x04")  # what a full disk lets through
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    def write_bytes(path, data):
+        if ".part-state.pt" in path.name:
+            real_write_bytes(path, data[:100])
+            _disk_full()
+        return real_write_bytes(path, data)
+
+    monkeypatch.setattr(checkpoint.torch, "save", torch_save)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    with pytest.raises(OSError, match=r"no space left on .* while writing .*state\.pt"):
+        save_checkpoint(tmp_path, model, None, 4)
+    monkeypatch.undo()
+    assert checkpoint_folder(tmp_path) == before
+    assert load_checkpoint(tmp_path, make_model())["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", before.name]
+
+
+def test_a_full_disk_while_writing_the_weights_names_them(tmp_path, monkeypatch):
+    model = make_model()
+    save_checkpoint(tmp_path, model, None, 3)
+
+    def save_model(model, filename, *args, **kwargs):
+        pathlib.Path(filename).write_bytes(b"\0" * 10)
+        raise Exception("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_model", save_model)
+    with pytest.raises(OSError) as full:
+        save_checkpoint(tmp_path, model, None, 4)
+    assert "model.safetensors" in str(full.value)
+    assert str(full.value).startswith("no space left on ")
+    assert load_checkpoint(tmp_path, make_model())["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda text, meta: "{not json", r"checkpoint\.json is not valid JSON"),
+        (lambda text, meta: meta.pop("step"), r"checkpoint\.json lacks the key 'step'"),
+        (
+            lambda text, meta: meta.update(stepp=3),
+            r"checkpoint\.json has an unknown key 'stepp'",
+        ),
+        (
+            lambda text, meta: meta["model_config"].update(n_emb=24),
+            r"checkpoint\.json: 'model_config' has an unknown field 'n_emb'",
+        ),
+        (
+            lambda text, meta: meta["train_config"].update(learning_rate=1),
+            r"checkpoint\.json: 'train_config' has an unknown field 'learning_rate'",
+        ),
+    ],
+    ids=[
+        "invalid-json",
+        "missing-key",
+        "unknown-key",
+        "unknown-model-field",
+        "unknown-train-field",
+    ],  # fmt: skip
+)
+def test_a_damaged_checkpoint_json_names_the_file_and_the_key(tmp_path, edit, message):
+    run(make_model(), checkpoint_dir=tmp_path, stop_at=5)
+    file = checkpoint_folder(tmp_path) / "checkpoint.json"
+    meta = json.loads(file.read_text())
+    changed = edit(file.read_text(), meta)
+    file.write_text(changed if isinstance(changed, str) else json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message) as refused:
+        run(make_model(), checkpoint_dir=tmp_path, resume=True)
+    assert str(file) in str(refused.value)
+
+
+def test_weights_of_another_shape_say_which_tensor_differs(tmp_path):
+    folder = save_checkpoint(tmp_path, make_model(), None, 0)
+    other = make_model(n_embd=32)
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(other, folder / "model.safetensors", "retrain it")
+    message = str(refused.value)
+    assert "wte.weight has shape (37, 24) in the file, (37, 32) in the model" in message
+    assert "damaged" not in message and "retrain it" in message

@@ -2,6 +2,7 @@
 to a direct computation with the Hugging Face export), multiple choice, intervals,
 calibration, generation statistics and contamination checks."""
 
+import json
 import math
 import subprocess
 import sys
@@ -216,6 +217,31 @@ def test_course_tasks_are_reproducible_and_held_out():
             assert len(set(item.choices)) == 4
             # every line of context and answer is a line of the held-out text
             assert set(ev.item_text(item).split("\n")) - {""} <= held_out
+
+
+@pytest.mark.parametrize(
+    "label, choices, message",
+    [
+        (4, None, r"line 2: 'label' 4 is not a choice's index \(0 to 3\)"),
+        (-1, None, r"line 2: 'label' -1 is not a choice's index"),
+        (True, None, r"line 2: 'label' True is not a choice's index"),
+        (0, ["only one"], r"line 2: 'choices' is not a list of at least two"),
+        (None, None, r"speaker\.jsonl is empty"),
+    ],
+    ids=["label-4", "label-minus-1", "label-bool", "one-choice", "empty"],
+)
+def test_multiple_choice_files_name_the_file_and_the_line(
+    tmp_path, label, choices, message
+):
+    good = ev.load_mc_items("speaker")[0]
+    lines = []
+    if label is not None:
+        bad = dict(good.__dict__, label=label, choices=choices or good.choices)
+        lines = [json.dumps(good.__dict__), json.dumps(bad)]
+    (tmp_path / "speaker.jsonl").write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=message) as refused:
+        ev.load_mc_items("speaker", folder=tmp_path)
+    assert str(tmp_path / "speaker.jsonl") in str(refused.value)
 
 
 # ------------------------------------------------------------------ intervals

@@ -17,7 +17,7 @@ from transformers import (
     GPT2TokenizerFast,
 )
 
-from shared.data import read_text
+from shared.data import read_text, sha256sum
 from shared.export import main
 from shared.generation import generate
 from shared.hf_export import export_hf, hf_state_dict, load_hf, save_hf_tokenizer
@@ -96,7 +96,11 @@ def test_folder_holds_a_clean_gpt2_checkpoint(folder, course):
     config = json.loads((folder / "config.json").read_text())
     assert config["n_positions"] == 128 and config["activation_function"] == "gelu_new"
     assert config["eos_token_id"] == config["bos_token_id"] == 1023
-    assert json.loads((folder / "course_info.json").read_text()) == course[2]
+    info = json.loads((folder / "course_info.json").read_text())
+    record = info.pop("hf_export")  # what identifies an earlier export
+    assert info == course[2]
+    digest = sha256sum(folder / "model.safetensors")
+    assert record == {"name": "shakespeare-laptop", "model_sha256": digest}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.eos_token_id == tokenizer.bos_token_id == 1023
     assert tokenizer.model_max_length == 128 and len(tokenizer) == 1024
@@ -324,6 +328,81 @@ def test_refuses_to_overwrite_a_course_model_folder(tiny_tokenizer, tmp_path):
     assert (tmp_path / "config.json").read_text() == course_config
 
 
+def another_model(folder):
+    """A Llama folder, sharded weights' index and all, as a reader might have one."""
+    folder.mkdir(exist_ok=True)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    files = {"config.json": json.dumps(config), "model.safetensors": "weights"}
+    files["model.safetensors.index.json"] = '{"weight_map": {}}'
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return {name: (folder / name).read_bytes() for name in files}
+
+
+def test_refuses_a_folder_that_holds_another_model(tiny_tokenizer, tmp_path):
+    before = another_model(tmp_path)
+    with pytest.raises(FileExistsError) as refused:
+        export_hf(tiny_gpt(), tiny_tokenizer, tmp_path)
+    message = str(refused.value)
+    assert "config.json, model.safetensors, model.safetensors.index.json" in message
+    assert "a Hugging Face llama model, LlamaForCausalLM" in message
+    assert "--overwrite" in message and "Nothing was written" in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_refuses_a_folder_that_holds_a_readers_own_tokenizer(tiny_tokenizer, tmp_path):
+    (tmp_path / "vocab.json").write_text('{"mine": 0}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nm ine\n")
+    with pytest.raises(FileExistsError, match="merges.txt, vocab.json"):
+        export_hf(tiny_gpt(), tiny_tokenizer, tmp_path)
+    assert (tmp_path / "vocab.json").read_text() == '{"mine": 0}'
+
+
+def test_overwrite_replaces_the_folder_and_leaves_no_stale_files(
+    tiny_tokenizer, tmp_path
+):
+    another_model(tmp_path)
+    (tmp_path / "notes").mkdir()  # a subfolder is kept
+    model = tiny_gpt()
+    export_hf(model, tiny_tokenizer, tmp_path, overwrite=True)
+    written = FILES - {"course_info.json"}  # no info given
+    assert {p.name for p in tmp_path.iterdir()} == written | {"notes"}
+    hf_model = GPT2LMHeadModel.from_pretrained(tmp_path)  # no stale index read
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, model(ids), atol=1e-4, rtol=0)
+
+
+def test_an_earlier_export_of_the_same_weights_is_replaced_other_weights_refused(
+    tiny_tokenizer, tmp_path
+):
+    export_hf(tiny_gpt(), tiny_tokenizer, tmp_path, info={"run": 1})
+    export_hf(tiny_gpt(), tiny_tokenizer, tmp_path, info={"run": 2})  # harmless
+    assert json.loads((tmp_path / "course_info.json").read_text())["run"] == 2
+    other = tiny_gpt(tie_weights=False)
+    with pytest.raises(FileExistsError, match="model.safetensors holds other weights"):
+        export_hf(other, tiny_tokenizer, tmp_path)
+    export_hf(other, tiny_tokenizer, tmp_path, overwrite=True)
+    assert not GPT2LMHeadModel.from_pretrained(tmp_path).config.tie_word_embeddings
+
+
+def test_a_retrained_course_model_replaces_its_own_untouched_export(
+    tiny_tokenizer, tmp_path
+):
+    export_hf(tiny_gpt(), tiny_tokenizer, tmp_path, info={"name": "m"})
+    retrained = tiny_gpt(tie_weights=False)
+    export_hf(retrained, tiny_tokenizer, tmp_path, info={"name": "m"})  # refreshed
+    with pytest.raises(FileExistsError, match="not an earlier export of this model"):
+        export_hf(tiny_gpt(), tiny_tokenizer, tmp_path, info={"name": "other"})
+    # weights changed after the export (say, trained further in Hugging Face)
+    hf_model = GPT2LMHeadModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        hf_model.transformer.wte.weight.add_(1.0)
+    hf_model.save_pretrained(tmp_path)
+    with pytest.raises(FileExistsError, match="holds other weights"):
+        export_hf(tiny_gpt(), tiny_tokenizer, tmp_path, info={"name": "m"})
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -351,6 +430,16 @@ def test_command_line_merges_a_lora_adapter(tmp_path, capsys):
         theirs = hf_model(torch.tensor([ids])).logits[0]
         ours = lora_model(torch.tensor([ids]))[0]
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_command_line_refuses_a_full_folder_unless_overwrite(tmp_path, capsys):
+    before = another_model(tmp_path / "llama")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(["hf", str(tmp_path / "llama")])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "llama").iterdir()} == before
+    out = main(["hf", str(tmp_path / "llama"), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    main(["hf", str(tmp_path / "llama")])  # an export of the same weights again
 
 
 def test_import_is_cheap():

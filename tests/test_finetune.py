@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ from shared.data import REPO_ROOT as REPO
 from shared.evaluation import answers, task_accuracy
 from shared.generation import generate
 from shared.model import GPT, GPTConfig
-from shared.pretrained import load_course_model
+from shared.pretrained import MODELS_DIR, load_course_model
 
 
 @pytest.fixture(scope="module")
@@ -384,3 +386,57 @@ def test_shipped_finetuned_models_load_and_answer(name, course):
 def test_load_course_model_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown course model"):
         load_course_model("cpu", name="rlhf")
+
+
+def test_an_adapter_refuses_a_base_it_was_not_trained_on(tmp_path):
+    from shared.checkpoint import CheckpointError
+
+    base = shutil.copytree(MODELS_DIR / "shakespeare-laptop", tmp_path / "base")
+    adapter = shutil.copytree(MODELS_DIR / "shakespeare-lora", tmp_path / "lora")
+    course = json.loads((adapter / "course.json").read_text())
+    course["base"] = "../base"
+    (adapter / "course.json").write_text(json.dumps(course))
+    load_course_model("cpu", path=adapter)  # the base it was trained on
+    # the base retrained (a consistent folder: here the SFT model's files)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(MODELS_DIR / "shakespeare-sft" / name, base / name)
+    load_course_model("cpu", path=base)  # fine on its own
+    with pytest.raises(CheckpointError) as refused:
+        load_course_model("cpu", path=adapter)
+    message = str(refused.value)
+    assert f"is not the base model the LoRA adapter {adapter} was trained on" in message
+    assert "train_finetuned.py lora" in message
+
+
+# --- task files: bad rows are errors that name the file and the line
+
+
+@pytest.mark.parametrize("loader", ["examples", "pairs"])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([], "is empty"),
+        (["", "  "], "is empty"),
+        (["{good}", '{"task": 1'], "line 2: not valid JSON"),
+        (["{good}", "[1, 2]"], "line 2: not a JSON object"),
+        (["{good}", "{lacks}"], "line 2: lacks the field.s. output"),
+        (["{good}", "{extra}"], "line 2: unknown field.s. speaker"),
+        (["{number}"], "line 1: 'input' is not a string: 3"),
+    ],
+    ids=["empty", "blank", "json", "object", "missing", "unknown", "type"],
+)
+def test_task_files_name_the_file_and_the_line(tmp_path, loader, lines, message):
+    row = (tasks.load_examples if loader == "examples" else tasks.load_pairs)("test")[0]
+    good = dict(row.__dict__)
+    rows = {"{good}": good, "{number}": good | {"input": 3}}
+    rows["{lacks}"] = {k: v for k, v in good.items() if k not in ("output", "chosen")}
+    rows["{extra}"] = good | {"speaker": "ROMEO"}
+    if loader == "pairs":
+        message = message.replace("output", "chosen")
+    text = "\n".join(json.dumps(rows[x]) if x in rows else x for x in lines)
+    name = "instructions" if loader == "examples" else "preferences"
+    (tmp_path / f"{name}-test.jsonl").write_text(text)
+    load = tasks.load_examples if loader == "examples" else tasks.load_pairs
+    with pytest.raises(ValueError, match=message) as bad:
+        load("test", folder=tmp_path)
+    assert str(tmp_path / f"{name}-test.jsonl") in str(bad.value)

@@ -3,13 +3,24 @@ Shakespeare model."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
+from shared.checkpoint import CheckpointError
+from shared.data import sha256sum
 from shared.flops import parameter_counts
 from shared.generation import generate
 from shared.loss import bits_per_char, evaluate_split
-from shared.pretrained import LAPTOP_MODEL_DIR, load_course_model
+from shared.pretrained import (
+    COURSE_MODELS,
+    LAPTOP_MODEL_DIR,
+    MODELS_DIR,
+    load_course_model,
+    save_course_model,
+)
 from shared.recipes import NANOGPT_CPU_BPC, recipe
 
 
@@ -82,3 +93,89 @@ def test_damaged_shipped_weights_name_the_file_and_the_remedy(tmp_path, damage):
     assert "git checkout" in str(info.value) and "train_shakespeare.py" in str(
         info.value
     )
+
+
+# ------------------------------------------------------------- config.json and weights
+
+
+@pytest.fixture
+def copy(tmp_path):
+    """A copy of the shipped base model folder to damage."""
+    return shutil.copytree(LAPTOP_MODEL_DIR, tmp_path / "model")
+
+
+def edit_config(folder, change) -> None:
+    config = folder / "config.json"
+    info = json.loads(config.read_text())
+    change(info)
+    config.write_text(json.dumps(info, indent=1))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (None, r"config\.json is not valid JSON"),
+        (lambda i: i.pop("model_config"), r"config\.json lacks the key 'model_config'"),
+        (
+            lambda i: i["model_config"].update(n_layers=4),
+            r"config\.json: 'model_config' has an unknown field 'n_layers'",
+        ),
+    ],
+    ids=["invalid-json", "missing-key", "unknown-field"],
+)
+def test_a_damaged_config_names_the_file_and_the_key(copy, change, message):
+    if change is None:
+        (copy / "config.json").write_text('{"model_config": {')
+    else:
+        edit_config(copy, change)
+    with pytest.raises(CheckpointError, match=message) as refused:
+        load_course_model("cpu", path=copy)
+    assert str(copy / "config.json") in str(refused.value)
+
+
+def test_a_config_that_disagrees_with_the_weights_says_which_shape(copy):
+    edit_config(copy, lambda i: i["model_config"].update(n_layer=3, vocab_size=1000))
+    with pytest.raises(CheckpointError) as refused:
+        load_course_model("cpu", path=copy)
+    message = str(refused.value)
+    assert "damaged" not in message
+    assert f"does not fit the model that {copy / 'config.json'} describes" in message
+    assert "wte.weight has shape (1024, 192) in the file, (1000, 192) in the model" in (
+        message
+    )
+    assert "the model has no transformer.h.3." in message
+
+
+def test_weights_from_another_run_than_the_config_are_refused(copy):
+    # a crash between writing the weights and the config left these side by side
+    sft = MODELS_DIR / COURSE_MODELS["sft"] / "model.safetensors"
+    shutil.copyfile(sft, copy / "model.safetensors")  # same shapes, other weights
+    with pytest.raises(CheckpointError) as refused:
+        load_course_model("cpu", path=copy)
+    message = str(refused.value)
+    assert f"is not the file {copy / 'config.json'} describes" in message
+    assert sha256sum(sft) in message and "git checkout" in message
+
+
+def test_shipped_metadata_records_the_weights_and_the_base_they_came_from():
+    def recorded(name, key, file="config.json"):
+        return json.loads((MODELS_DIR / COURSE_MODELS[name] / file).read_text())[key]
+
+    def actual(name):
+        return sha256sum(MODELS_DIR / COURSE_MODELS[name] / "model.safetensors")
+
+    for name in ("base", "sft", "dpo"):
+        assert recorded(name, "weights_sha256") == actual(name), name
+    assert recorded("sft", "base_weights_sha256") == actual("base")
+    assert recorded("dpo", "base_weights_sha256") == actual("sft")
+    assert recorded("lora", "base_weights_sha256", "course.json") == actual("base")
+
+
+def test_save_course_model_round_trip_records_its_weights(tmp_path):
+    model, tok, info = load_course_model("cpu")
+    folder = save_course_model(model, tok, tmp_path / "again", {"name": "again"})
+    again, _, saved = load_course_model("cpu", path=folder)
+    assert saved["weights_sha256"] == sha256sum(folder / "model.safetensors")
+    weights = again.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name

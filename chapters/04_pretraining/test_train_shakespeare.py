@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import train_shakespeare  # noqa: E402
 from train_shakespeare import main  # noqa: E402
 
 
@@ -38,3 +39,28 @@ def test_short_run_then_rerun_keeps_samples_and_attention_snapshots(tmp_path):
     assert again["samples"] == first["samples"]
     assert sorted(load_file(str(maps_file))) == ["step_0", "step_3"]
     assert again["history"]["train"] == first["history"]["train"]
+
+
+def test_a_trial_run_does_not_replace_the_shipped_model_or_results(
+    tmp_path, monkeypatch, capsys
+):
+    shipped, results = tmp_path / "shipped", tmp_path / "results"
+    for folder, name in [(shipped, "config.json"), (results, "laptop_run.json")]:
+        folder.mkdir()
+        (folder / name).write_text("the full run's file")
+    monkeypatch.setitem(train_shakespeare.MODEL_DIRS, "laptop", shipped)
+    monkeypatch.setattr(train_shakespeare, "RESULTS", results)
+    args = ["laptop", "--steps", "2", "--runs", str(tmp_path / "runs")]
+    main(args)
+    printed = capsys.readouterr().out
+    assert f"the model is not shipped to {shipped} (--ship" in printed
+    assert f"the chapter's results in {results} are kept" in printed
+    assert [p.name for p in shipped.iterdir()] == ["config.json"]
+    assert [p.name for p in results.iterdir()] == ["laptop_run.json"]
+    assert (results / "laptop_run.json").read_text() == "the full run's file"
+
+    main([*args, "--ship"])  # asked for: resumes the finished run and ships it
+    info = json.loads((shipped / "config.json").read_text())
+    assert info["train_config"]["max_steps"] == 2 and "weights_sha256" in info
+    assert sorted(p.name for p in results.iterdir()) == [
+        "laptop_attention.safetensors", "laptop_run.json"]  # fmt: skip

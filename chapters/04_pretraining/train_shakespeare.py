@@ -12,12 +12,17 @@ training logs go to ``chapters/04_pretraining/results/`` (small JSON, read by th
 notebook). Checkpoints go to ``runs/`` (git-ignored): rerun the command to resume
 (after Ctrl-C too); the samples and attention maps taken so far are kept in the run
 folder, so a resumed or repeated run ships all of them.
+
+Only a run of the full recipe replaces the shipped model and the chapter's results:
+a trial run (``--steps`` shorter or longer than the recipe) writes them only where
+``--out`` / ``--results`` say, or with ``--ship``. Every file is written to a
+temporary name, flushed to the disk and renamed, the model's files all together,
+so a full disk or a crash leaves the shipped files as they were.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -26,16 +31,22 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save, save_file, save_model
+from safetensors.torch import load_file, save
 
-from shared.data import atomic_write, read_text
+from shared.checkpoint import config_dict
+from shared.data import atomic_write, read_text, write_files
 from shared.dataset import train_val_split
 from shared.device import describe_environment, get_device, seed_everything
 from shared.flops import flops_per_token, mfu, peak_flops
 from shared.generation import generate
 from shared.loss import bits_per_char, evaluate_split
 from shared.model import GPT, GPTConfig
-from shared.pretrained import LAPTOP_MODEL_DIR, as_ids, shakespeare_splits
+from shared.pretrained import (
+    LAPTOP_MODEL_DIR,
+    as_ids,
+    save_course_model,
+    shakespeare_splits,
+)
 from shared.recipes import NANOGPT_CPU, recipe
 from shared.tokenizer import CharTokenizer, course_tokenizer
 from shared.train import TrainConfig, train
@@ -74,6 +85,7 @@ def run_model(args: argparse.Namespace) -> None:
     name = args.what  # "laptop" or "gpu"
     rec = recipe(name)
     device = get_device()
+    full = args.steps in (None, rec.train.max_steps)  # the recipe as it ships
     if args.steps:
         rec.train.max_steps = args.steps
     tok = course_tokenizer(rec.vocab_size)
@@ -144,29 +156,40 @@ def run_model(args: argparse.Namespace) -> None:
     }
     print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=1))
 
-    out = Path(args.out or MODEL_DIRS[name])
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))
-    tok.save(out / "tokenizer.json")
-    info = {
-        "name": f"shakespeare-{name}",
-        "description": "GPT trained from scratch on Tiny Shakespeare (first 90% of "
-        "characters) with the course BPE; chapter 04 of the course.",
-        "tokenizer_file": "tokenizer.json",
-        "tokenizer": f"course_tokenizer(vocab_size={rec.vocab_size})",
-        "model_config": dataclasses.asdict(rec.model),
-        "train_config": rec.train.to_dict(),
-        "results": results,
-        "nanogpt_cpu_baseline": NANOGPT_CPU,
-    }
-    (out / "config.json").write_text(json.dumps(info, indent=1) + "\n")
-    results_dir = Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    ship = full or args.ship
+    trial = f"a trial run ({rec.train.max_steps} steps, not the recipe's)"
+    out = args.out or (MODEL_DIRS[name] if ship else None)
+    if out is None:
+        print(
+            f"{trial}: the model is not shipped to {MODEL_DIRS[name]} "
+            "(--ship to replace it, --out DIR to write it elsewhere)"
+        )
+    else:
+        info = {
+            "name": f"shakespeare-{name}",
+            "description": "GPT trained from scratch on Tiny Shakespeare (first 90% "
+            "of characters) with the course BPE; chapter 04 of the course.",
+            "tokenizer_file": "tokenizer.json",
+            "tokenizer": f"course_tokenizer(vocab_size={rec.vocab_size})",
+            "model_config": config_dict(rec.model),
+            "train_config": rec.train.to_dict(),
+            "results": results,
+            "nanogpt_cpu_baseline": NANOGPT_CPU,
+        }
+        save_course_model(model, tok, out, info)  # all files replaced, or none
+        print(f"shipped to {out}")
+    results_dir = args.results or (RESULTS if ship else None)
+    if results_dir is None:
+        print(
+            f"{trial}: the chapter's results in {RESULTS} are kept "
+            "(--ship to replace them, --results DIR to write them elsewhere)"
+        )
+        return
     log = {"history": hist, "samples": samples, "snapshot_steps": keep}
     log["attention_tokens"] = tok.tokens(attn_ids[0].tolist())
-    (results_dir / f"{name}_run.json").write_text(json.dumps(log) + "\n")
-    save_file(maps, str(results_dir / f"{name}_attention.safetensors"))
-    print(f"shipped to {out}")
+    write_files(results_dir, {f"{name}_run.json": json.dumps(log) + "\n",
+                              f"{name}_attention.safetensors": save(maps)})  # fmt: skip
+    print(f"wrote the training log and attention maps to {results_dir}")
 
 
 def compute_budget() -> float:
@@ -242,10 +265,9 @@ def run_compute(args: argparse.Namespace) -> None:
             f"in {r['train_wall_s']:.0f} s"
         )
         runs.append(r)
-    results_dir = Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
     out = {"budget_flops_6ND": compute_budget(), "runs": runs, "machine": machine()}
-    (results_dir / "equal_compute.json").write_text(json.dumps(out, indent=1) + "\n")
+    text = json.dumps(out, indent=1) + "\n"
+    write_files(args.results or RESULTS, {"equal_compute.json": text})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,6 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("what", choices=["laptop", "gpu", "compute"])
     ap.add_argument("--steps", type=int, default=None, help="override max_steps")
     ap.add_argument("--out", default=None, help="where to ship the model")
+    ap.add_argument(
+        "--ship",
+        action="store_true",
+        help="ship a trial run (--steps) to data/models and the chapter's results",
+    )
     ap.add_argument("--fresh", action="store_true", help="ignore an old checkpoint")
     ap.add_argument(
         "--allow-config-change",
@@ -260,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         help="resume although the training settings (e.g. --steps) changed",
     )
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--results", default=str(RESULTS), help="where the logs go")
+    ap.add_argument("--results", default=None, help=f"where the logs go ({RESULTS})")
     ap.add_argument("--runs", default=str(RUNS), help="where the checkpoints go")
     args = ap.parse_args(argv)
     if args.threads:

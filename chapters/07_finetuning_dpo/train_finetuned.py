@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from shared import dpo, lora, sft, tasks
+from shared.data import write_files
 from shared.device import describe_environment
 from shared.evaluation import task_accuracy
 from shared.pretrained import (
@@ -32,6 +33,7 @@ from shared.pretrained import (
     MODELS_DIR,
     load_course_model,
     save_course_model,
+    weights_sha256,
 )
 from shared.recipes import finetune_recipe
 from shared.train import TrainConfig, train_on_batches
@@ -91,14 +93,21 @@ def summarise(history: dict, model, tokenizer, wall_s: float) -> dict:
 
 
 def write_results(name: str, record: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    """``results/<name>.json``, replaced only once complete (never half a file)."""
+    write_files(RESULTS, {f"{name}.json": json.dumps(record, indent=1) + "\n"})
     print(f"wrote {RESULTS / name}.json")
+
+
+def base_sha256(name: str) -> str:
+    """The SHA-256 of a shipped model's weights, recorded by the models made from it:
+    ``load_course_model`` refuses an adapter whose base has changed since."""
+    return weights_sha256(MODELS_DIR / COURSE_MODELS[name])
 
 
 def cmd_sft(mask_prompt: bool) -> None:
     recipe = finetune_recipe()
     model, tokenizer, base_info = load_course_model("cpu")
+    base_hash = base_sha256("base")  # the weights just loaded
     model.train()
     t0 = time.perf_counter()
     history = run_sft(model, tokenizer, recipe.sft, mask_prompt)
@@ -114,6 +123,7 @@ def cmd_sft(mask_prompt: bool) -> None:
             "fine-tuning on data/finetune/instructions-train.jsonl (prompt tokens "
             "masked); chapter 07.",
             "base": COURSE_MODELS["base"],
+            "base_weights_sha256": base_hash,
             "base_results": base_info["results"],
             "train_config": recipe.sft.to_dict(),
             "results": {k: v for k, v in results.items() if k != "samples"},
@@ -124,6 +134,7 @@ def cmd_sft(mask_prompt: bool) -> None:
 def cmd_lora() -> None:
     recipe = finetune_recipe()
     model, tokenizer, _ = load_course_model("cpu")
+    base_hash = base_sha256("base")  # the weights just loaded
     lora.apply_lora(model, recipe.lora_r, recipe.lora_alpha, recipe.lora_targets)
     model.train()
     t0 = time.perf_counter()
@@ -137,6 +148,7 @@ def cmd_lora() -> None:
         "description": "A LoRA adapter (PEFT format) on the course's Shakespeare "
         "model, trained on the same instruction data and budget as the SFT model.",
         "base": f"../{COURSE_MODELS['base']}",
+        "base_weights_sha256": base_hash,
         "train_config": recipe.lora.to_dict(),
         "results": {k: v for k, v in results.items() if k != "samples"},
     }
@@ -171,6 +183,7 @@ def dpo_run(
 def cmd_dpo(plain: bool = False) -> None:
     recipe = finetune_recipe()
     model, tokenizer, sft_info = load_course_model("cpu", name="sft")
+    base_hash = base_sha256("sft")  # the weights just loaded
     before = task_accuracy(model, tokenizer, tasks.load_examples("test"))[0]
     model.train()
     t0 = time.perf_counter()
@@ -194,6 +207,7 @@ def cmd_dpo(plain: bool = False) -> None:
         "description": "The course's SFT model after DPO on data/finetune/"
         "preferences-train.jsonl (reference: the SFT model); chapter 07.",
         "base": COURSE_MODELS["sft"],
+        "base_weights_sha256": base_hash,
         "beta": recipe.beta,
         "sft_weight": weight,
         "train_config": recipe.dpo.to_dict(),

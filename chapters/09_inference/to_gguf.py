@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     out = args.out or REPO_ROOT / f"build/gguf/shakespeare-{args.model}-f32.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, _ = load_course_model("cpu", name=args.model)
-    hf_dir = export_hf(merge_lora(model), tokenizer, out.parent / f"hf-{args.model}")
+    model, tokenizer, info = load_course_model("cpu", name=args.model)
+    # with its info (name), a retrained model's export replaces the earlier one
+    hf_dir = out.parent / f"hf-{args.model}"
+    export_hf(merge_lora(model), tokenizer, hf_dir, info)
 
     sys.path[:0] = [str(args.llama_cpp), str(args.llama_cpp / "gguf-py")]
     import convert_hf_to_gguf as converter

@@ -4,7 +4,6 @@ lm-evaluation-harness does: ``acc`` (summed log-likelihood of each choice) and
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from torch import nn
 from shared.data import REPO_ROOT, read_text
 from shared.dataset import train_val_split
 from shared.evaluation.scoring import loglikelihood
-from shared.tasks import speeches
+from shared.tasks import read_jsonl, speeches
 
 EVAL_DIR = REPO_ROOT / "data" / "eval"
 MC_TASKS = ("next_line", "speaker")
@@ -190,5 +189,19 @@ def load_mc_items(task: str, folder: Path | None = None) -> list[MCItem]:
         raise FileNotFoundError(
             f"{path} is missing: run chapters/08_evaluation/make_tasks.py"
         )
-    with path.open() as f:
-        return [MCItem(**json.loads(line)) for line in f]
+    return read_jsonl(path, MCItem, _mc_problem)
+
+
+def _mc_problem(item: MCItem) -> str | None:
+    """What is wrong with a multiple-choice item read from a file (None: nothing)."""
+    if not isinstance(item.context, str):
+        return f"'context' is not a string: {item.context!r}"
+    choices = item.choices
+    if not isinstance(choices, list) or len(choices) < 2:
+        return f"'choices' is not a list of at least two choices: {choices!r}"
+    if not all(isinstance(c, str) for c in choices):
+        return f"'choices' holds something other than strings: {choices!r}"
+    label = item.label
+    if type(label) is not int or not 0 <= label < len(choices):
+        return f"'label' {label!r} is not a choice's index (0 to {len(choices) - 1})"
+    return None

@@ -325,8 +325,13 @@ class BPETokenizer:
     # --- save / load
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write human-readable JSON: one merge per line, tokens shown as GPT-2 does."""
+        """Write :meth:`to_json` to ``path`` (atomically: never half a file)."""
         path = Path(path)
+        write_text(path, self.to_json())
+        return path
+
+    def to_json(self) -> str:
+        """Human-readable JSON: one merge per line, tokens shown as GPT-2 does."""
         seen = Counter(self.vocab.values())
         lines = []
         for (a, b), _ in sorted(self.merges.items(), key=lambda kv: kv[1]):
@@ -348,9 +353,7 @@ class BPETokenizer:
             for k, v in header.items()
         ]
         merges = "[\n" + ",\n".join(lines) + "\n  ]" if lines else "[]"
-        text = "{\n" + ",\n".join(fields) + ',\n  "merges": ' + merges + "\n}\n"
-        write_text(path, text)
-        return path
+        return "{\n" + ",\n".join(fields) + ',\n  "merges": ' + merges + "\n}\n"
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:

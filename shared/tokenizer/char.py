@@ -65,11 +65,15 @@ class CharTokenizer:
         return "".join(out)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the vocabulary as readable JSON."""
+        """Write :meth:`to_json` to ``path`` (atomically: never half a file)."""
         path = Path(path)
-        data = {"format": FORMAT_CHAR, "version": FORMAT_VERSION, "chars": self.chars}
-        write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+        write_text(path, self.to_json())
         return path
+
+    def to_json(self) -> str:
+        """The vocabulary as readable JSON."""
+        data = {"format": FORMAT_CHAR, "version": FORMAT_VERSION, "chars": self.chars}
+        return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CharTokenizer:
