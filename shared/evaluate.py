@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from shared.evaluation import (
@@ -14,7 +15,8 @@ from shared.evaluation import (
     load_mc_items,
     report_table,
 )
-from shared.pretrained import COURSE_MODELS, load_course_model
+from shared.model_spec import MODEL_HELP, find_models, load_model
+from shared.pretrained import COURSE_MODELS
 from shared.tasks import load_examples
 
 
@@ -26,11 +28,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     )
     parser.add_argument(
         "--model", nargs="+", default=list(COURSE_MODELS),
-        help="course model names (base, sft, lora, dpo) or model folders",
+        help=f"one or more of: {MODEL_HELP} (default: the four course models)",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small subsets (checks)")
     parser.add_argument("--json", type=Path, help="also write the reports here")
     args = parser.parse_args(argv)
+    out = args.json
+    try:  # every model and the output folder before minutes of work
+        if out and not os.access(out.parent, os.W_OK):
+            raise ValueError(f"--json {out}: {out.parent} is missing or read-only")
+        if out and out.is_dir():
+            raise ValueError(f"--json {out} is a folder; give a file name in it")
+        models = [(m.name, load_model(m)) for m in find_models(args.model)]
+    except Exception as err:  # an unknown name, a damaged model folder
+        parser.error(" ".join(str(err).split()))
     kwargs: dict = {}
     if args.quick:
         kwargs = dict(
@@ -41,16 +52,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             max_new_tokens=40,
         )
     reports = {}
-    for spec in args.model:
-        if spec in COURSE_MODELS:
-            model, tokenizer, _ = load_course_model(name=spec)
-        else:
-            model, tokenizer, _ = load_course_model(path=spec)
-        reports[Path(spec).name] = evaluate_model(model, tokenizer, **kwargs)
-        print(f"{spec}: {reports[Path(spec).name]['seconds']:.0f} s", flush=True)
+    for name, (model, tokenizer, _) in models:
+        reports[name] = evaluate_model(model, tokenizer, **kwargs)
+        print(f"{name}: {reports[name]['seconds']:.0f} s", flush=True)
     print(report_table(reports, text=True))
-    if args.json:
-        args.json.write_text(json.dumps(reports, indent=1))
+    if out:
+        out.write_text(json.dumps(reports, indent=1))
     return reports
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from shared.generation import check_settings, complete, stream, unescape
-from shared.pretrained import load_model
+from shared.model_spec import MODEL_HELP, load_model
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -29,11 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help='text to continue (default "": a new text)',
     )
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument(
-        "--model",
-        default="base",
-        help="base, sft, lora, dpo or a model folder (default base)",
-    )
+    parser.add_argument("--model", default="base", help=f"{MODEL_HELP} (default base)")
     parser.add_argument(
         "--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)"
     )
@@ -58,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     try:
         check_settings(**settings)
-        model, tokenizer = load_model(args.model, args.device)
+        model, tokenizer, _ = load_model(args.model, args.device)
     except Exception as err:  # a missing or damaged model folder, a bad device
         parser.error(" ".join(str(err).split()))  # one line, exit code 2
     try:

@@ -66,17 +66,31 @@ class APIError(Exception):
         }
 
 
+def _shown(value, limit: int = 60) -> str:
+    """``value`` as JSON for an error message, cut to ``limit`` characters."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):  # nested too deeply: name the type only
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _number(body: dict, key: str, default, integer: bool = False):
-    """``body[key]`` as a finite number (an int if ``integer``), or ``default``."""
+    """``body[key]`` as a number (an int if ``integer``; an int too large for a
+    float as +-inf), or ``default``; the range is ``check_settings``'s to judge."""
     value = body.get(key)
     if value is None:
         return default
     wanted = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, wanted):
         kind = "an integer" if integer else "a number"
-        raise APIError(400, f"{key} must be {kind}, got {json.dumps(value)}", key)
-    if not math.isfinite(value):
-        raise APIError(400, f"{key} must be finite, got {value}", key)
+        raise APIError(400, f"{key} must be {kind}, got {_shown(value)}", key)
+    if integer:
+        return value
+    try:
+        float(value)
+    except OverflowError:  # an integer beyond float's range, such as 10**400
+        return math.inf if value > 0 else -math.inf
     return value
 
 
@@ -84,9 +98,7 @@ def _flag(body: dict, key: str) -> bool:
     """``body[key]`` as a bool (absent or null: False)."""
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise APIError(
-            400, f"{key} must be true or false, got {json.dumps(value)}", key
-        )
+        raise APIError(400, f"{key} must be true or false, got {_shown(value)}", key)
     return bool(value)
 
 
@@ -99,7 +111,7 @@ def _stops(value) -> list[str]:
         raise APIError(400, "stop must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOPS:  # OpenAI's limit; an empty one check_settings refuses
         raise APIError(
-            400, f"stop takes at most {MAX_STOPS} strings, got {stops}", "stop"
+            400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", "stop"
         )
     return stops
 
@@ -109,10 +121,11 @@ def parse_request(body: dict, model_name: str) -> dict:
     for key in body:
         if key not in KNOWN:
             hint = f"; did you mean {HINTS[key]!r}?" if key in HINTS else ""
-            raise APIError(400, f"unknown field {key!r}{hint}", key)
+            name = key if len(key) <= 60 else key[:57] + "..."
+            raise APIError(400, f"unknown field {name!r}{hint}", name)
     for key, neutral in NEUTRAL.items():
         if body.get(key, neutral) not in (neutral, None):
-            value = json.dumps(body[key])
+            value = _shown(body[key])
             message = f"{key}={value} is not supported (only {json.dumps(neutral)})"
             raise APIError(400, message, key)
     prompt = body.get("prompt")
@@ -125,15 +138,14 @@ def parse_request(body: dict, model_name: str) -> dict:
     if model is not None and model != model_name:
         raise APIError(
             404,
-            f"the model {model!r} does not exist; this server has {model_name!r}",
+            f"the model {_shown(model)} does not exist; this server has {model_name!r}",
             "model",
             code="model_not_found",
         )
     max_tokens = _number(body, "max_tokens", 16, integer=True)
-    if not 1 <= max_tokens <= MAX_TOKENS:
-        raise APIError(
-            400, f"max_tokens must be 1 to {MAX_TOKENS}, got {max_tokens}", "max_tokens"
-        )
+    if not 1 <= max_tokens <= MAX_TOKENS:  # 10**400 too: compared as an int
+        message = f"max_tokens must be 1 to {MAX_TOKENS}, got {_shown(max_tokens)}"
+        raise APIError(400, message, "max_tokens")
     temperature = _number(body, "temperature", 1.0)
     top_p = _number(body, "top_p", 1.0)
     top_k = _number(body, "top_k", None, integer=True)

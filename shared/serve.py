@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from shared.pretrained import load_model
-from shared.server import make_server
+from shared.model_spec import MODEL_HELP, find_model, load_model
+from shared.server import check_port, make_server
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -18,21 +17,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m shared.serve",
         description="Serve a course model with an OpenAI-style completions API.",
     )
-    parser.add_argument(
-        "--model",
-        default="base",
-        help="base, sft, lora, dpo or a model folder (default base)",
-    )
+    parser.add_argument("--model", default="base", help=f"{MODEL_HELP} (default base)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")
     parser.add_argument("--device", help="cpu, cuda, mps (default: the best one)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
-    try:
-        model, tokenizer = load_model(args.model, args.device)
-    except Exception as err:
+    try:  # the port first: a bad one is refused before the model loads
+        check_port(args.port)
+        found = find_model(args.model)
+        model, tokenizer, _ = load_model(found, args.device)
+    except Exception as err:  # a missing or damaged model folder, a bad device
         parser.error(" ".join(str(err).split()))
-    name = Path(args.model).name  # "base", or a model folder's name
+    name = found.name  # "base", or a model folder's name
     try:
         server = make_server(model, tokenizer, name, args.host, args.port, args.verbose)
     except OSError as err:  # the port is taken, the host is not this machine's

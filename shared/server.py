@@ -13,13 +13,19 @@
 * ``stream: true`` answers with server-sent events: one ``data: {chunk}`` per piece of
   text, a last chunk with ``finish_reason``, then ``data: [DONE]``. An error once the
   stream has begun comes as a ``data: {"error": ...}`` event.
-* ``GET /v1/models`` lists the one model; ``GET /health`` says it is up.
+* ``GET /v1/models`` lists the one model; ``GET /health`` says it is up (``HEAD``
+  answers as ``GET`` without the body, ``OPTIONS`` with the ``Allow`` header).
 
 Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with status 400
-(bad request), 404, 405, 411, 413 or 500, and the server goes on serving. Requests
-run in threads, but generation holds ``server.lock``: one completion at a time, so
-the model (its mode, a KV cache) is never used by two threads at once; on two CPU
-cores parallel generations would only share the same cores anyway.
+(bad request), 404, 405 (with ``Allow``), 411, 413, 500, 501 (a method this server
+does not know) or 503, also for what the standard library refuses itself (a bad
+request line, headers too long), and the server goes on serving. Requests run in
+threads, but generation holds ``server.lock``: one completion at a time, so the model
+(its mode, a KV cache) is never used by two threads at once; on two CPU cores
+parallel generations would only share the same cores anyway. Completions wait for
+the lock in a bounded queue: beyond ``max_waiting`` of them a request is answered
+at once with 503 and ``Retry-After``. The listen backlog (``request_queue_size``)
+holds a burst of connections until they are accepted, so none is reset.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Generator
-from contextlib import closing
+from collections.abc import Generator, Iterator
+from contextlib import closing, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -45,6 +51,16 @@ from shared.openai_api import (
     parse_request,
     usage,
 )
+
+MAX_WAITING = 32  # completions queued behind the one generating; more get 503
+RETRY_AFTER_S = 1  # what a 503 tells the client to wait before asking again
+
+
+def check_port(port: int) -> int:
+    """``port`` if a server can listen on it (0: any free port), else ValueError."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0 to 65535 (0: any free port), got {port}")
+    return port
 
 
 class CompletionHandler(BaseHTTPRequestHandler):
@@ -69,6 +85,26 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._route("PATCH")
 
+    def do_HEAD(self) -> None:  # GET's headers; _send_json leaves out the body
+        self._route("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._route("OPTIONS")
+
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None
+    ) -> None:
+        """The standard library's own refusals (a bad request line, a method with no
+        ``do_`` here, headers too long) as JSON errors, as all others."""
+        text = message or self.responses.get(code, ("error",))[0]
+        if self.command is None:  # the request line did not parse: its version is
+            self.request_version = "HTTP/1.1"  # unknown, HTTP/0.9 would get no headers
+        if code == 501:
+            text = (
+                f"this server answers GET, HEAD, POST and OPTIONS, not {self.command}"
+            )
+        self._send_error(APIError(code, text))
+
     def _route(self, method: str) -> None:
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
@@ -78,10 +114,14 @@ class CompletionHandler(BaseHTTPRequestHandler):
                     f"unknown path {path}; this server has POST /v1/completions, "
                     "GET /v1/models and GET /health",
                 )
-            if method != ROUTES[path]:
-                allow = {"Allow": ROUTES[path]}
+            allow = ROUTES[path] + (", HEAD" if ROUTES[path] == "GET" else "")
+            allow += ", OPTIONS"
+            if method == "OPTIONS":
+                self._send_empty(204, {"Allow": allow})
+                return
+            if method not in allow.split(", "):
                 message = f"{path} takes {ROUTES[path]}, not {method}"
-                raise APIError(405, message, headers=allow)
+                raise APIError(405, message, headers={"Allow": allow})
             if path == "/health":
                 self._send_json(200, {"status": "ok", "model": self.server.model_name})
             elif path == "/v1/models":
@@ -124,6 +164,10 @@ class CompletionHandler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
             raise APIError(400, f"the body is not valid JSON: {err}") from None
+        except RecursionError:  # [[[[...]]]] 100,000 deep
+            raise APIError(
+                400, "the body is not valid JSON: nested too deeply"
+            ) from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         return body
@@ -148,11 +192,12 @@ class CompletionHandler(BaseHTTPRequestHandler):
             "model": self.server.model_name,
         }
         echo = request["prompt"] if request["echo"] else ""
-        if request["stream"]:
-            self._stream(pieces, head, echo, request["include_usage"])
-            return
-        with self.server.lock, closing(pieces):
-            result = finish(pieces)
+        with closing(pieces), self._queued():
+            if request["stream"]:
+                self._stream(pieces, head, echo, request["include_usage"])
+                return
+            with self.server.lock:
+                result = finish(pieces)
         choice = {
             "text": echo + result.text,
             "index": 0,
@@ -160,6 +205,23 @@ class CompletionHandler(BaseHTTPRequestHandler):
             "finish_reason": result.finish_reason,
         }
         self._send_json(200, {**head, "choices": [choice], "usage": usage(result)})
+
+    @contextmanager
+    def _queued(self) -> Iterator[None]:
+        """A place in the queue for the model, or 503 when it is full."""
+        if not self.server.places.acquire(blocking=False):
+            raise APIError(
+                503,
+                f"{self.server.max_waiting} requests are already waiting for the "
+                f"model; retry in {RETRY_AFTER_S} s",
+                kind="server_error",
+                code="server_overloaded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        try:
+            yield
+        finally:
+            self.server.places.release()
 
     def _stream(
         self,
@@ -226,7 +288,14 @@ class CompletionHandler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_empty(self, status: int, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
 
     def _send_error(self, err: APIError) -> None:
         # close after an error: a body the request sent may be unread on the socket
@@ -242,6 +311,9 @@ class CompletionServer(ThreadingHTTPServer):
     """The HTTP server with the model it serves and the lock that guards it."""
 
     daemon_threads = True  # an open connection never keeps the process alive
+    # connections the kernel holds until they are accepted; socketserver's 5 made a
+    # burst of 20 lose some to resets (Linux caps it at net.core.somaxconn)
+    request_queue_size = 1024
 
     def __init__(
         self,
@@ -250,11 +322,16 @@ class CompletionServer(ThreadingHTTPServer):
         tokenizer,
         model_name: str,
         verbose: bool = False,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
+        check_port(address[1])
         super().__init__(address, CompletionHandler)
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.verbose = verbose
         self.lock = threading.Lock()  # one generation at a time (see the docstring)
+        # one place for the generating completion, max_waiting for those queued
+        self.max_waiting = max_waiting
+        self.places = threading.Semaphore(max_waiting + 1)
         self.created = int(time.time())
 
 
@@ -265,10 +342,12 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     verbose: bool = False,
+    max_waiting: int = MAX_WAITING,
 ) -> CompletionServer:
     """A server bound to ``host:port`` (0: any free port, see ``server_address``).
 
     Call ``serve_forever()`` (in a thread, for tests), then ``shutdown()`` and
-    ``server_close()``.
+    ``server_close()``. ``max_waiting`` completions may queue behind the one being
+    generated; more are refused with 503.
     """
-    return CompletionServer((host, port), model, tokenizer, name, verbose)
+    return CompletionServer((host, port), model, tokenizer, name, verbose, max_waiting)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from shared.generation import (
+    SettingError,
+    check_settings,
     generate,
     next_token_distribution,
     top_k_filter,
@@ -134,3 +136,40 @@ def test_top_p_one_keeps_every_token_of_a_large_vocabulary():
     assert torch.isfinite(top_p_filter(logits, 1.0)).all()
     probs = next_token_distribution(logits, top_p=1.0)
     torch.testing.assert_close(probs, torch.softmax(logits, -1))
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-40, 1e-320, 5e-324])
+def test_tiny_temperatures_are_greedy_not_nan(model, temperature):
+    # logits / 1e-38 overflowed to inf and softmax gave nan: now the largest logit
+    # takes all the mass (ties share it), the limit of temperature -> 0
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-6], [-5.0, 0.0, 4.0, 4.0]])
+    probs = next_token_distribution(logits, temperature=temperature)
+    expected = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
+    torch.testing.assert_close(probs, expected)
+    idx = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(6))
+    greedy = generate(model, idx, 8, temperature=0.0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(model, idx, 8, temperature, generator=g), greedy)
+
+
+@pytest.mark.parametrize("p", [1e-300, 5e-324, 1e-50])
+def test_top_p_below_float32_keeps_the_top_token(model, p):
+    # p rounds to 0 against float32 masses: "mass before >= 0" dropped every token
+    logits = torch.tensor([[0.1, 2.0, -1.0]])
+    assert torch.isfinite(top_p_filter(logits, p)).tolist() == [[False, True, False]]
+    probs = next_token_distribution(logits, top_p=p)
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 1.0, 0.0]]))
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    out = generate(model, idx, 6, top_p=p, generator=g)
+    assert torch.equal(out, generate(model, idx, 6, temperature=0.0))
+
+
+def test_check_settings_refuses_infinite_temperature():
+    # inf used to pass: logits / inf sampled uniform noise on the command line
+    for bad in (math.inf, math.nan, -1.0):
+        with pytest.raises(SettingError, match="temperature") as err:
+            check_settings(16, temperature=bad)
+        assert err.value.param == "temperature"
+    assert check_settings(16, temperature=1e-300) == ()  # tiny is greedy, not refused
+    assert check_settings(16, temperature=1e300) == ()  # huge is near uniform

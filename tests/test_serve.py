@@ -106,7 +106,7 @@ def test_command_line_errors_exit_2_with_one_line(args, message, capsys):
 def test_command_line_model_folder_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--model", str(tmp_path)])
-    assert exit_.value.code == 2 and "no course model" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "holds no model" in capsys.readouterr().err
 
 
 def test_unescape():

@@ -4,6 +4,7 @@ text functions, the command line and the server share."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     # drop a token when those before it already reach p; the first always stays
     mass_before = probs.cumsum(dim=-1) - probs
     drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # also for a p that rounds to 0 in float32 (1e-300)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -46,7 +48,12 @@ def next_token_distribution(
         return torch.zeros_like(logits).scatter(
             -1, logits.argmax(-1, keepdim=True), 1.0
         )
-    logits = logits.float() / temperature
+    # the largest logit becomes 0 before dividing: with a tiny temperature (1e-38)
+    # the others go to -inf instead of overflowing to nan, which is greedy's limit;
+    # a temperature below float32's range divides as its smallest normal number
+    logits = logits.float()
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    logits = logits / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -79,6 +86,12 @@ class SettingError(ValueError):
         self.param = param
 
 
+def _short(number: int) -> str:
+    """An integer for an error message: 10**400 is not written out in full."""
+    text = str(number)
+    return text if len(text) <= 30 else f"{text[:12]}... ({len(text)} digits)"
+
+
 def check_settings(
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -92,17 +105,21 @@ def check_settings(
     check their settings here, so they accept and refuse the same values."""
     if max_new_tokens < 0:
         raise SettingError(
-            "max_new_tokens", f"max_new_tokens must be >= 0, got {max_new_tokens}"
+            "max_new_tokens",
+            f"max_new_tokens must be >= 0, got {_short(max_new_tokens)}",
         )
     if not temperature >= 0:  # written so that NaN fails too
         message = f"temperature must be >= 0, got {temperature}"
         raise SettingError("temperature", message)
+    if temperature == math.inf:  # not "uniform noise": a setting nobody means
+        message = "temperature must be finite, got inf (0 is greedy, 1 the model's)"
+        raise SettingError("temperature", message)
     if top_k is not None and top_k < 1:
-        raise SettingError("top_k", f"top_k must be >= 1, got {top_k}")
+        raise SettingError("top_k", f"top_k must be >= 1, got {_short(top_k)}")
     if top_p is not None and not 0 < top_p <= 1:
         raise SettingError("top_p", f"top_p must be in (0, 1], got {top_p}")
     if seed is not None and not -(2**63) <= seed < 2**64:
-        raise SettingError("seed", f"seed must fit in 64 bits, got {seed}")
+        raise SettingError("seed", f"seed must fit in 64 bits, got {_short(seed)}")
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     if "" in stops:
         raise SettingError("stop", "a stop sequence must not be empty")
