@@ -52,7 +52,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             g = torch.exp((h @ weight.T).to(dtype) - lse[i : i + ctx.chunk, None])
             ok = t != IGNORE
             g[ok, t[ok]] -= 1.0
-            g *= (ok / count * grad_loss)[:, None]
+            g *= (ok.to(dtype) / count * grad_loss)[:, None]  # not in float32
             grad_hidden[i : i + ctx.chunk] = (g @ weight.to(dtype)).to(hidden.dtype)
             grad_weight += g.T @ h.to(dtype)
         return grad_hidden, grad_weight.to(weight.dtype), None, None

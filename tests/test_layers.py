@@ -43,6 +43,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "loss",
             "checkpoint",
             "train",
+            "activation_memory",
+            "memory_profile",
             "memory",
             "distributed",
         ),
