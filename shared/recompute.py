@@ -3,14 +3,16 @@ computes in between, and run it again in backward.
 
 ``checkpoint(function, *args)`` runs ``function`` without recording a graph (so no
 activation is saved), keeping only the tensors in ``args`` and the random-number
-state. In backward it restores that state (dropout draws the same mask), runs the
-function again with gradients on, and backpropagates through this fresh graph: the
-same operations in the same order, so the gradients are bit-identical to storing the
-activations, and to ``torch.utils.checkpoint``. The price is a second forward pass.
+state. In backward it restores that state (dropout draws the same mask) and the
+forward's autocast (bf16 stays bf16), runs the function again with gradients on,
+and backpropagates through this fresh graph: the same operations in the same order,
+so the gradients are bit-identical to storing the activations, and to
+``torch.utils.checkpoint``. The price is a second forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -35,6 +37,11 @@ class Recompute(torch.autograd.Function):
         ctx.others = [None if t else a for a, t in zip(args, is_tensor, strict=True)]
         ctx.devices = _devices_of(tensors)
         ctx.cpu_rng = torch.get_rng_state()
+        # autocast is off when backward runs: remember it, to recompute in bf16 too
+        ctx.autocast = {
+            kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+            for kind in ("cpu", "cuda")
+        }
         ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
         ctx.save_for_backward(*tensors)
         with torch.no_grad():  # no graph: the intermediate activations are freed
@@ -57,7 +64,11 @@ class Recompute(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             for device, state in zip(ctx.devices, ctx.cuda_rng, strict=True):
                 torch.cuda.set_rng_state(state, device)
-            with torch.enable_grad():
+            with contextlib.ExitStack() as stack:
+                for kind, (enabled, dtype) in ctx.autocast.items():
+                    if enabled:
+                        stack.enter_context(torch.autocast(kind, dtype=dtype))
+                stack.enter_context(torch.enable_grad())
                 output = ctx.function(*args)
         torch.autograd.backward(output, grad_output)  # parameters get their .grad here
         grads = iter(x.grad if x.requires_grad else None for x in inputs)

@@ -225,7 +225,8 @@ def train(
             for _ in range(cfg.grad_accum_steps):
                 x, y = sampler.next()
                 with autocast(device, cfg.dtype):
-                    _, loss = forward(x.to(device), y.to(device))
+                    # [1]: no name keeps the logits alive through backward
+                    loss = forward(x.to(device), y.to(device))[1]
                 (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.item()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
