@@ -322,9 +322,9 @@ def measure_peak_memory(
     the most that ``training_step`` (``zero_grad`` to None, forward, backward,
     ``optimizer.step()``) allocates above them at any instant: the activations, the
     gradients as they are produced, the loss's and the optimizer's temporaries. Run
-    one step first so that AdamW's state exists (created in the first step, it
-    gives the same peak). CPU: the profiler's allocation events
-    (``training_timeline``; validated against the estimate). CUDA:
+    one step first so that AdamW's state exists: before it, a peak that falls in the
+    optimizer phase counts the state it creates twice. CPU: the profiler's
+    allocation events (``training_timeline``; validated against the estimate). CUDA:
     ``max_memory_allocated``, which also counts any other tensor on the device.
     """
     device = idx.device
