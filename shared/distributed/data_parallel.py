@@ -64,20 +64,38 @@ def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
 def grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
     """The global gradient norm, also when gradients are sharded DTensors.
 
-    A DTensor's norm is computed shard by shard and combined with one scalar
-    all-reduce, so no full gradient is gathered.
+    Plain gradients are whole on every rank: their norm needs no communication. With
+    DTensors (FSDP2, tensor parallelism), each rank squares and sums what it holds,
+    weighting a tensor held in ``c`` identical copies (replicated over part of the
+    mesh, or a plain tensor on every rank) by ``1/c`` so it counts once, and ONE
+    scalar all-reduce over all ranks adds the sums: one call per step, where a norm
+    per tensor would cost one all-reduce for each sharded tensor. (Assumes, as every
+    strategy of chapter 6 but the pipeline, that all ranks share every parameter.)
     """
     from torch.distributed.tensor import DTensor
 
-    squares = []
-    for p in parameters:
-        if p.grad is None:
-            continue
-        n = torch.linalg.vector_norm(p.grad)
-        if isinstance(n, DTensor):
-            n = n.full_tensor()
-        squares.append(n.pow(2))
-    return torch.stack(squares).sum().sqrt()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        )
+    world = dist.get_world_size()
+    total = None
+    for g in grads:
+        if isinstance(g, DTensor):
+            # the norm of this rank's piece, "partial" over the mesh dimensions the
+            # gradient is split along (DTensor tracks them, FSDP's strided shards too)
+            norm = torch.linalg.vector_norm(g)
+            pieces = 1
+            for size, placement in zip(norm.device_mesh.shape, norm.placements,
+                                       strict=True):  # fmt: skip
+                pieces *= size if placement.is_partial() else 1
+            square = norm.to_local().double().pow(2) * (pieces / world)  # 1/copies
+        else:  # whole, the same on every rank
+            square = torch.linalg.vector_norm(g).double().pow(2) / world
+        total = square if total is None else total + square
+    dist.all_reduce(total)
+    return total.sqrt().to(grads[0].dtype)
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
