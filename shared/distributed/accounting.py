@@ -16,6 +16,9 @@ RING_FACTOR = {
     "all_gather": lambda n: (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
     "broadcast": lambda n: (n - 1) / n,
+    # a reduce to one root: averaged over the ranks, as a broadcast run backwards; N
+    # reduces of S/N bytes (one per root, as DeepSpeed's ZeRO does) = a reduce-scatter
+    "reduce": lambda n: (n - 1) / n,
     "send": lambda n: 1.0,
 }
 
@@ -30,6 +33,7 @@ _OPS = {
     "c10d.reduce_scatter_": ("reduce_scatter", 1),
     "c10d.reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
     "c10d.broadcast_": ("broadcast", 0),
+    "c10d.reduce_": ("reduce", 0),
     "c10d.send": ("send", 0),
     "_c10d_functional.all_reduce": ("all_reduce", 0),
     "_c10d_functional.all_reduce_": ("all_reduce", 0),
