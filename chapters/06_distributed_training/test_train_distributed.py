@@ -22,6 +22,8 @@ from shared.model import GPT, GPTConfig
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "train_distributed.py"
 TORCH = ["single", "manual", "ddp", "fsdp2", "tp", "pp"]
+HAND = ["bucketed", "zero1_hand", "zero2_hand", "fsdp_hand", "ring"]  # built here
+TORCH += HAND
 ZERO = ["zero1", "zero2", "zero3"]
 STEPS = 3
 
@@ -134,6 +136,59 @@ def test_collectives_follow_the_formulas(runs):
     assert p_bytes < fsdp["all_gather"]["bytes"] < 2 * 2 * p_bytes
     manual = record(runs("float64", "manual"))["comm_step"]
     assert manual["all_reduce"]["bytes"] == p_bytes + 8
+    bucketed = record(runs("float64", "bucketed"))["comm_step"]  # one 25 MiB bucket
+    assert bucketed == {"all_reduce": {"calls": 2, "bytes": p_bytes + 8},
+                        "sent_bytes_ring": p_bytes + 8}  # fmt: skip
+
+
+def test_zero_by_hand_sends_the_formula_and_deepspeed_now_too(runs):
+    """Ours: one reduce-scatter of the gradients per step (ZeRO-2: one per
+    micro-batch), one all-gather of the parameters. DeepSpeed, with its multi-rank
+    bucket all-reduce off, reduces each rank's share to it: fp32 gradient bytes,
+    no all-reduce of the whole gradient."""
+    n_params = record(runs("float64", "single"))["params_total"]
+    p_bytes = 8 * n_params
+    for strategy, scatters in (("zero1_hand", 1), ("zero2_hand", 2)):
+        comm = record(runs("float64", strategy))["comm_step"]
+        assert comm["reduce_scatter"] == {
+            "calls": scatters,
+            "bytes": scatters * p_bytes,
+        }
+        assert comm["all_gather"] == {"calls": 1, "bytes": p_bytes}
+        assert comm["all_reduce"] == {"calls": 2, "bytes": 16}  # norm, logged loss
+    zero1 = record(runs("float64", "zero1"))["comm_step"]
+    assert zero1["reduce"]["bytes"] == 4 * n_params  # fp32 master gradients
+    assert zero1["all_reduce"]["bytes"] < 64  # scalars only
+
+
+def test_zero_by_hand_keeps_adamw_state_for_half_the_parameters(runs):
+    n_params = record(runs("float64", "single"))["params_total"]
+    for strategy in ("zero1_hand", "zero2_hand"):
+        held = record(runs("float64", strategy))["state_bytes"]
+        # two float64 moments for half the elements, plus a step count per piece
+        for rank in held:
+            assert 0 <= rank["optimizer"] - 2 * 8 * n_params // 2 < 200
+            assert rank["params"] == 8 * n_params
+
+
+def test_fsdp_by_hand_sends_what_fsdp2_sends(runs):
+    """Call for call and byte for byte: one all-gather per block and micro-batch in
+    forward and again in backward, the root once, one reduce-scatter per unit."""
+    ours = record(runs("float64", "fsdp_hand"))
+    assert ours["comm_step"] == record(runs("float64", "fsdp2"))["comm_step"]
+    total = record(runs("float64", "single"))["params_total"]
+    assert ours["params_held_per_rank"] == [total // 2, total // 2]
+    root = 1024 * 64 + 64 * 64 + 2 * 64  # token and position embeddings, final norm
+    block = (total - root) // 2  # of the 2 blocks
+    # whole parameters alive at once, at most: the root (kept) and one block
+    assert ours["peak_param_bytes"] == [8 * (root + block)] * 2
+
+
+def test_clipping_sharded_gradients_costs_one_all_reduce(runs):
+    """The global norm over FSDP2's shards: one scalar all-reduce (and one for the
+    logged loss), not one per sharded tensor (28 here)."""
+    fsdp = record(runs("float64", "fsdp2"))["comm_step"]
+    assert fsdp["all_reduce"] == {"calls": 2, "bytes": 2 * 8}
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])

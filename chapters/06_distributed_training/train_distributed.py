@@ -39,6 +39,8 @@ from shared.train import TrainConfig, lr_at, parameter_groups
 
 STRATEGIES = ("single", "manual", "ddp", "fsdp2", "tp", "fsdp2_tp", "pp")
 STRATEGIES += ("zero1", "zero2", "zero3")
+# built by hand in shared/distributed/: bucketed DDP, ZeRO-1/2, FSDP, ring attention
+STRATEGIES += ("bucketed", "zero1_hand", "zero2_hand", "fsdp_hand", "ring")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -75,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel group (fsdp2_tp)")
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe")
+    p.add_argument("--bucket-mb", type=float, default=25.0,
+                   help="bucketed, zero*_hand: gradient bucket in MiB")  # fmt: skip
     p.add_argument("--mixed-precision", action="store_true",
                    help="fsdp2: bf16 parameters and gradient reduction")  # fmt: skip
     p.add_argument("--count-comm", action="store_true",
@@ -148,6 +152,23 @@ def setup(args, env: D.DistEnv, cfg: TrainConfig) -> Setup:
         return Setup(
             model, adamw(model, cfg, args.adam_eps), n, env.rank if n > 1 else 0
         )
+    if s == "bucketed":  # DDP by hand: buckets all-reduced during backward
+        ddp = D.BucketedDDP(model, bucket_size_mb=args.bucket_mb)
+        return Setup(ddp, adamw(model, cfg, args.adam_eps), world, env.rank)
+    if s in ("zero1_hand", "zero2_hand"):  # ZeRO by hand: AdamW state for 1/N
+        optimizer = D.ShardedOptimizer(
+            parameter_groups(model, cfg.weight_decay), torch.optim.AdamW,
+            stage=int(s[4]), bucket_size_mb=args.bucket_mb, lr=cfg.lr,
+            betas=cfg.betas, eps=args.adam_eps,
+        )  # fmt: skip
+        return Setup(model, optimizer, world, env.rank)
+    if s == "fsdp_hand":  # FSDP by hand: each block gathered only while it runs
+        st = Setup(model, None, world, env.rank)
+        st.fsdp = D.FSDPByHand(model)  # shards in place: the optimizer sees shards
+        st.optimizer = adamw(model, cfg, args.adam_eps)
+        return st
+    if s == "ring":  # every rank: the whole batch, its 1/N of the positions
+        return Setup(model, adamw(model, cfg, args.adam_eps), 1, 0)
     if s == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -212,7 +233,12 @@ def deepspeed_setup(args, env, cfg, model) -> Setup:
         "train_micro_batch_size_per_gpu": cfg.batch_size // env.world_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": int(args.strategy[-1])},
+        # stages 1 and 2 reduce each rank's share of a gradient bucket to it (N
+        # reduces); by default they all-reduce the whole bucket: 50% more traffic
+        "zero_optimization": {
+            "stage": int(args.strategy[-1]),
+            "use_multi_rank_bucket_allreduce": False,
+        },  # fmt: skip
         "zero_allow_untested_optimizer": True,  # our torch AdamW, not DeepSpeed's
         "steps_per_print": 10**9,
     }
@@ -272,22 +298,38 @@ def train_step(args, env, cfg, st: Setup, batches, schedule=None) -> float:
             x, y = (t.to(env.device) for t in next(batches))
             last = k == cfg.grad_accum_steps - 1
             sync = nullcontext()
-            if args.strategy == "ddp" and not last:
+            if args.strategy in ("ddp", "bucketed") and not last:
                 sync = st.module.no_sync()  # accumulate locally; all-reduce once
             if args.strategy in ("fsdp2", "fsdp2_tp"):  # the same: reduce-scatter once
                 st.module.set_requires_gradient_sync(last)
+            if args.strategy == "fsdp_hand":
+                st.fsdp.set_requires_gradient_sync(last)
             with sync:
-                loss = loss_of(st.module, x, y) / cfg.grad_accum_steps
+                if args.strategy == "ring":  # this rank's share of the mean loss
+                    loss = D.sequence_parallel_loss(st.module, x, y)
+                else:
+                    loss = loss_of(st.module, x, y)
+                loss = loss / cfg.grad_accum_steps
                 loss.backward()
             total += loss.detach().double().cpu()
         if args.strategy == "manual":
             D.allreduce_gradients(st.module, env.world_size)
+        if args.strategy == "bucketed":
+            st.module.finish_gradient_synchronization()
+        if args.strategy == "ring":  # the ranks' shares add up to the loss: sum
+            D.allreduce_sequence_gradients(st.module)
+            total = total.to(env.device)
+            dist.all_reduce(total)
         if st.dp_size > 1:  # the mean of the ranks' losses is the global batch's loss
             total = total.to(env.device)
             dist.all_reduce(total)  # tensor-parallel copies are equal: mean over all
             total /= env.world_size
-        if args.strategy in ("single", "manual", "ddp"):
+        if args.strategy in ("single", "manual", "ddp", "bucketed", "ring"):
             torch.nn.utils.clip_grad_norm_(st.parameters(), cfg.grad_clip)
+        elif args.strategy == "fsdp_hand":  # one all-reduce of the squared norm
+            st.fsdp.clip_grad_norm_(cfg.grad_clip)
+        elif args.strategy in ("zero1_hand", "zero2_hand"):  # the shards' norm, too
+            st.optimizer.clip_grad_norm_(cfg.grad_clip)
         else:
             D.clip_gradients(st.parameters(), cfg.grad_clip)
     st.optimizer.step()
@@ -335,6 +377,9 @@ def final_parameters(args, st: Setup, env) -> dict[str, torch.Tensor] | None:
         )
     if st.engine is not None:
         return deepspeed_parameters(st)
+    if args.strategy == "fsdp_hand":  # collective: every rank gathers the shards
+        full = st.fsdp.full_parameters()
+        return full if env.is_main else None
     full = D.full_state_dict(st.module, tp=st.tp)
     return full if env.is_main else None
 
@@ -426,6 +471,8 @@ def run(args, env: D.DistEnv) -> None:
         for _ in range(start * cfg.grad_accum_steps):  # the data where the run was
             next(batches)
     losses, times, comm = [], [], None
+    if args.strategy == "fsdp_hand":
+        st.fsdp.reset_peak()
     stop = args.steps if args.stop_after is None else min(args.stop_after, args.steps)
     for step in range(start, stop):
         for group in st.optimizer.param_groups:
@@ -446,6 +493,10 @@ def run(args, env: D.DistEnv) -> None:
         save_dcp(args, st, env, stop)
     params = final_parameters(args, st, env)
     held = held_per_rank(st, env)
+    peak = gathered(env, st.fsdp.peak_param_bytes) if hasattr(st, "fsdp") else None
+    states = None  # bytes of parameters, gradients and AdamW state, measured
+    if isinstance(st.optimizer, D.ShardedOptimizer):
+        states = gathered(env, st.optimizer.state_bytes())
     timeline = pipeline_timeline(schedule, env) if schedule is not None else None
     if env.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -463,8 +514,21 @@ def run(args, env: D.DistEnv) -> None:
         }  # fmt: skip
         if timeline is not None:
             record["timeline"] = timeline
+        if peak is not None:  # whole parameters alive at once, at most, per rank
+            record["peak_param_bytes"] = peak
+        if states is not None:
+            record["state_bytes"] = states
         (args.out / "losses.json").write_text(json.dumps(record, indent=1))
         print(f"wrote {args.out}/final.safetensors and losses.json", flush=True)
+
+
+def gathered(env, value) -> list:
+    """``value`` of every rank, in rank order (collective)."""
+    if env.world_size == 1:
+        return [value]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def held_per_rank(st: Setup, env) -> list[int]:
@@ -474,11 +538,7 @@ def held_per_rank(st: Setup, env) -> list[int]:
         mine = sum(p.ds_tensor.numel() for p in params)
     else:
         mine = D.local_numel(params)
-    if env.world_size == 1:
-        return [mine]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, mine)
-    return out
+    return gathered(env, mine)
 
 
 def pipeline_schedule(args, env, st: Setup, cfg):
