@@ -225,7 +225,10 @@ def test_launch_timeout_stops_the_workers_too(tmp_path):
     """torchrun starts each worker in a session of its own: killing torchrun alone
     left them running, holding the log pipe open, and launch() waited for them."""
     sleeper = tmp_path / "sleeper.py"
-    sleeper.write_text("import os, time\nprint('worker', os.getpid(), flush=True)\n"
+    # one write(2) per line: the workers share the pipe, and unbuffered print()
+    # writes "worker" and the pid separately, which can interleave
+    sleeper.write_text("import os, time\n"
+                       "os.write(1, f'worker {os.getpid()}\\n'.encode())\n"
                        "time.sleep(60)\n")  # fmt: skip
     lines: list[str] = []
     t0 = time.perf_counter()

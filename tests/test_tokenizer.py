@@ -102,8 +102,12 @@ def test_gpt2_hard_strings_match_tiktoken(gpt2, enc, text):
     assert gpt2.decode(ours) == text
 
 
+# Code points unassigned in this Python's Unicode database are left out: whether one
+# is a letter depends on the Unicode version of the regex engine, and the `regex`
+# module (newer tables) and tiktoken's Rust engine disagree on some (U+3D000: a
+# letter for `regex`, so "\U0003d000'd" splits before the apostrophe, not after it).
 @settings(max_examples=300, deadline=None)
-@given(text=st.text())
+@given(text=st.text(alphabet=st.characters(exclude_categories=("Cn", "Cs"))))
 def test_gpt2_matches_tiktoken_on_any_text(text):
     gpt2, enc = _gpt2_pair()
     assert gpt2.encode(text, disallowed_special=()) == enc.encode(
