@@ -87,3 +87,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"{_listed(problems)}\n\n"
         )
         pytest.exit("a shipped course model is missing (see above)", returncode=3)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A gloo process group of one process (this one), for torch.distributed code in
+    unit tests; destroyed afterwards."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

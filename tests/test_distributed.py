@@ -109,14 +109,6 @@ def test_ring_formulas():
         D.bytes_per_step("tp", 1000, 2)
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_count_collectives_sees_calls_and_sizes(world_of_one):
     x = torch.ones(10, dtype=torch.float64)
     out = torch.empty(10, dtype=torch.float64)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from shared import distributed as D
@@ -114,14 +113,6 @@ def check_timeline(events: list[dict], buckets: list[list[str]]) -> None:
 # ------------------------------------------------------------------- one process
 
 CONFIG = GPTConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, n_embd=32)
-
-
-@pytest.fixture
-def world_of_one(tmp_path):
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def gpt() -> GPT:

@@ -62,11 +62,9 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.multiprocessing.reductions import StorageWeakRef
 
-Slot = tuple[nn.Module, str]  # where a parameter is registered: module, attribute
+from shared.distributed.process_group import all_gather_flat, reduce_scatter_flat
 
-# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor (same collectives)
-_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+Slot = tuple[nn.Module, str]  # where a parameter is registered: module, attribute
 
 
 @dataclass(frozen=True)
@@ -155,7 +153,7 @@ class Unit:
         for shard, lay in zip(self.shards, self.layouts, strict=True):
             send[lay.offset : lay.offset + shard.numel()] = shard.detach().flatten()
         recv = self._buffer(world * self.flat_numel)
-        _all_gather(recv, send, group=self.fsdp.group)
+        all_gather_flat(recv, send, group=self.fsdp.group)
         recv = recv.view(world, self.flat_numel)  # row k: rank k's send buffer
         whole = []
         for lay in self.layouts:
@@ -179,7 +177,7 @@ class Unit:
                 n = (hi - lo) * lay.inner
                 send[k, lay.offset : lay.offset + n] = flat[lo * lay.inner :][:n]
         recv = self._buffer(self.flat_numel)
-        _reduce_scatter(recv, send.view(-1), group=self.fsdp.group)  # sum
+        reduce_scatter_flat(recv, send.view(-1), group=self.fsdp.group)  # sum
         recv /= world  # gloo has no AVG: sum, then divide
         return [
             recv[lay.offset : lay.offset + s.numel()].view_as(s).clone()

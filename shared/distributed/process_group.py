@@ -16,6 +16,15 @@ import torch.distributed as dist
 
 from shared.device import get_device
 
+# the flat all-gather and reduce-scatter (one buffer in, one out): torch 2.13 names them
+# *_single, older releases *_tensor (the same dispatcher ops, so the counts agree)
+all_gather_flat = (
+    getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+)
+reduce_scatter_flat = (
+    getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+)
+
 
 @dataclass
 class DistEnv:

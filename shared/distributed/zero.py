@@ -53,10 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-# torch >= 2.13 names them *_single; older releases *_tensor (same dispatcher ops)
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None)
-_reduce_scatter = _reduce_scatter or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from shared.distributed.process_group import all_gather_flat, reduce_scatter_flat
 
 
 def _nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -220,7 +217,7 @@ class ShardedOptimizer:
         """Start the reduce-scatter of a full bucket; finish the one before."""
         self._wait()  # one in flight at a time: at most two buckets of memory
         out = bucket.flat.new_empty(bucket.size // self.world)
-        work = _reduce_scatter(out, bucket.flat, op=dist.ReduceOp.SUM,
+        work = reduce_scatter_flat(out, bucket.flat, op=dist.ReduceOp.SUM,
                                group=self.group, async_op=True)  # fmt: skip
         self._pending = (work, bucket, out, bucket.flat)
         bucket.flat, bucket.ready = None, 0
@@ -308,7 +305,7 @@ class ShardedOptimizer:
             for _, piece, a, b in bucket.pieces:
                 chunk[a:b] = piece
             full = chunk.new_empty(bucket.size)
-            _all_gather(full, chunk, group=self.group)
+            all_gather_flat(full, chunk, group=self.group)
             for p, o in zip(bucket.params, bucket.offsets, strict=True):
                 p.view(-1).copy_(full[o : o + p.numel()])
 
