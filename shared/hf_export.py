@@ -13,6 +13,10 @@ and ``GPT2TokenizerFast.from_pretrained`` (and the ``Auto`` classes) read::
       special_tokens_map.json
       course_info.json        the course's own record (configs, results), if given
 
+A tokenizer with the chat tokens (``shared.chat.with_chat_tokens``) also gets the
+course's ``chat_template`` in ``tokenizer_config.json``, so ``apply_chat_template``
+gives ``shared.chat.encode_chat``'s ids, and ``generate`` stops at ``<|end|>`` too.
+
 From the command line: ``python -m shared.export hf OUT_DIR [--model NAME_OR_DIR]
 [--overwrite]`` (``export_course_model``: any model ``--model`` names, a LoRA adapter
 merged into its base).
@@ -52,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from shared.chat import CHAT_TEMPLATE, END, has_chat_tokens
 from shared.data import sha256sum, write_files
 from shared.gpt2_weights import CONV1D_WEIGHTS
 from shared.lora import lora_layers, merge_lora
@@ -219,6 +224,8 @@ def hf_tokenizer_files(
         added_tokens_decoder=added,
     )
     tokenizer_config |= special_map
+    if has_chat_tokens(tokenizer):  # the format travels with the model
+        tokenizer_config["chat_template"] = CHAT_TEMPLATE
     special_tokens_map = {k: v for k, v in special_map.items() if v}
     lines = [MERGES_HEADER] + [f"{a} {b}" for a, b in merges]
     return {
@@ -354,9 +361,11 @@ def export_hf(
 
     config = hf_config(model, tokenizer)
     eot = config.eos_token_id
+    # a chat model ends its turn with <|end|>: generate stops there too
+    stops = [i for i in (eot, tokenizer.special_tokens.get(END)) if i is not None]
     generation = GenerationConfig(
         bos_token_id=eot,
-        eos_token_id=eot,
+        eos_token_id=stops[0] if len(stops) == 1 else stops or None,
         pad_token_id=eot,  # batched generate pads finished rows with it
     )
     files: dict[str, bytes | str] = {}
