@@ -29,11 +29,13 @@ tokenizer has the chat tokens, so the format travels with the model.
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from shared import sft
 from shared.model import GPT
 from shared.sft import IGNORE
 from shared.tokenizer import BPETokenizer
@@ -241,3 +243,86 @@ def encode_chat(
         ids.append(special[MARKERS["assistant"]])
         labels.append(IGNORE)
     return ids, labels
+
+
+# ---------------------------------------------------------------- instruction tasks
+# Chapter 07's instruction examples as conversations. A tokenizer with the chat tokens
+# gets the chat format; one without them gets the text template of ``sft.py``, so the
+# same functions serve the base model, LoRA (which cannot train new embedding rows)
+# and the chat models.
+
+
+def instruction_messages(instruction: str, input: str) -> list[dict[str, str]]:
+    """One user turn: the instruction, a newline, the input."""
+    return [{"role": "user", "content": f"{instruction}\n{input}"}]
+
+
+def stop_id(tokenizer) -> int:
+    """The id that ends a response: ``<|end|>`` in the chat format, else
+    ``<|endoftext|>``."""
+    if has_chat_tokens(tokenizer):
+        return chat_ids(tokenizer)[END]
+    return sft.eos_id(tokenizer)
+
+
+def prompt_ids(tokenizer, instruction: str, input: str) -> list[int]:
+    """The ids a model continues to answer: the chat generation prompt (ending in
+    ``<|assistant|>``) or the text template's ``### Response:``."""
+    if has_chat_tokens(tokenizer):
+        return encode_chat(tokenizer, instruction_messages(instruction, input), True)[0]
+    return tokenizer.encode(sft.format_prompt(instruction, input))
+
+
+def encode_instruction(
+    tokenizer, instruction: str, input: str, response: str, mask_prompt: bool = True
+) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of prompt + response + end marker (``sft.encode_example`` in
+    either format); ``mask_prompt=False`` trains on every token."""
+    if not has_chat_tokens(tokenizer):
+        prompt = sft.format_prompt(instruction, input)
+        return sft.encode_example(tokenizer, prompt, response, mask_prompt)
+    messages = instruction_messages(instruction, input)
+    messages.append({"role": "assistant", "content": response})
+    ids, labels = encode_chat(tokenizer, messages)
+    return ids, (labels if mask_prompt else list(ids))
+
+
+def encode_examples(
+    tokenizer,
+    examples: Sequence,
+    mask_prompt: bool = True,
+    max_turns: int = 1,
+    context_length: int = 128,
+    seed: int = 0,
+) -> list[tuple[list[int], list[int]]]:
+    """Every example encoded, in conversations of 1 to ``max_turns`` user/assistant
+    exchanges (chat format only; each conversation fits ``context_length + 1``).
+
+    Conversations are filled in a seeded order: an example joins the open one when
+    the dice say so and it fits, else starts the next. The loss covers every
+    assistant turn, so a later answer is learned with earlier turns in view.
+    """
+    if max_turns == 1 or not has_chat_tokens(tokenizer):
+        return [encode_instruction(tokenizer, e.instruction, e.input, e.output,
+                                   mask_prompt) for e in examples]  # fmt: skip
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    out: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    turns = 0
+    for i in order:
+        e = examples[i]
+        one = encode_instruction(
+            tokenizer, e.instruction, e.input, e.output, mask_prompt
+        )
+        joins = 0 < turns < max_turns and rng.random() < 0.5
+        if joins and len(ids) + len(one[0]) <= context_length + 1:
+            ids, labels, turns = ids + one[0], labels + one[1], turns + 1
+            continue
+        if ids:
+            out.append((ids, labels))
+        ids, labels, turns = list(one[0]), list(one[1]), 1
+    out.append((ids, labels))
+    return out

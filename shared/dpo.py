@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.chat import encode_instruction, format_chat, instruction_messages
 from shared.model import evaluating
-from shared.sft import IGNORE, collate, encode_example, format_prompt
+from shared.sft import IGNORE, collate, format_prompt
 from shared.tasks import Pair
 
 EncodedPair = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]
@@ -62,9 +63,9 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> list[EncodedPair]:
     """Each pair as (chosen, rejected) ``(ids, labels)``, the prompt labelled -100."""
     out = []
     for p in pairs:
-        prompt = format_prompt(p.instruction, p.input)
-        out.append((encode_example(tokenizer, prompt, p.chosen),
-                    encode_example(tokenizer, prompt, p.rejected)))  # fmt: skip
+        both = [encode_instruction(tokenizer, p.instruction, p.input, answer)
+                for answer in (p.chosen, p.rejected)]  # fmt: skip
+        out.append((both[0], both[1]))
     return out
 
 
@@ -127,8 +128,12 @@ def pair_batches(
             yield batch
 
 
-def dpo_step(beta: float, sft_weight: float = 0.0):
+def dpo_step(beta: float, sft_weight: float = 0.0, dpo_weight: float = 1.0):
     """A ``loss_fn(model, batch)`` for ``shared.train.train_on_batches``.
+
+    ``dpo_weight=0`` with ``sft_weight`` > 0 is DPO's control: the same batches and
+    steps, the chosen answers' NLL alone (the preference term is computed and logged,
+    not trained on).
 
     ``sft_weight`` > 0 adds that much of the SFT loss on the chosen answers (their
     mean negative log-likelihood per token), which keeps DPO from lowering the
@@ -139,9 +144,10 @@ def dpo_step(beta: float, sft_weight: float = 0.0):
     def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         chosen, rejected = _forward_pairs(model, batch)
         ref = batch["ref_logps"].to(chosen.device)
-        loss, r_w, r_l = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)
+        dpo, r_w, r_l = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)
+        loss = dpo_weight * dpo
         metrics = {
-            "dpo_loss": loss.detach(),
+            "dpo_loss": dpo.detach(),
             "reward_chosen": r_w.mean(),
             "reward_rejected": r_l.mean(),
             "reward_margin": (r_w - r_l).mean(),
@@ -188,6 +194,14 @@ def preference_metrics(
         "reward_margin": float((r_w - r_l).mean()),
         "logprob_accuracy": float((chosen > rejected).float().mean()),
     }
+
+
+def _prompt_text(pair: Pair, chat: bool) -> str:
+    """The prompt as text: the chat generation prompt (its markers are special tokens
+    to a Hugging Face tokenizer) or the text template."""
+    if chat:
+        return format_chat(instruction_messages(pair.instruction, pair.input), True)
+    return format_prompt(pair.instruction, pair.input)
 
 
 @contextlib.contextmanager
@@ -262,7 +276,9 @@ def trl_dpo_train(
 
     if len(pairs) < batch_size:
         raise ValueError(f"{len(pairs)} pairs cannot fill one batch of {batch_size}")
-    rows = [{"prompt": format_prompt(p.instruction, p.input), "chosen": p.chosen,
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    chat = hf_tokenizer.chat_template is not None
+    rows = [{"prompt": _prompt_text(p, chat), "chosen": p.chosen,
              "rejected": p.rejected} for p in pairs]  # fmt: skip
     # the records are the output: no progress bars, no printed log lines
     with _no_progress_bars(), tempfile.TemporaryDirectory() as scratch:
@@ -287,7 +303,7 @@ def trl_dpo_train(
         trainer = DPOTrainer(
             model=policy, ref_model=AutoModelForCausalLM.from_pretrained(hf_dir),
             args=args, train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=AutoTokenizer.from_pretrained(hf_dir),
+            processing_class=hf_tokenizer,
         )  # fmt: skip
         trainer.remove_callback(PrinterCallback)
         trainer.train()

@@ -212,7 +212,10 @@ def hf_tokenizer_files(
         | dict(single_word=False, special=True)
         for s, i in specials
     }
-    special_map = dict(bos_token=eot, eos_token=eot, unk_token=eot)
+    # a chat model's answer ends with <|end|>: trainers that append eos_token to a
+    # response (TRL) then build the sequences the course trains on
+    end = END if has_chat_tokens(tokenizer) else eot
+    special_map = dict(bos_token=eot, eos_token=end, unk_token=eot)
     tokenizer_config = dict(
         tokenizer_class="GPT2Tokenizer",
         model_max_length=model_max_length,

@@ -81,6 +81,9 @@ class FinetuneRecipe:
     dpo: TrainConfig
     beta: float
     dpo_sft_weight: float  # the NLL term on chosen answers (0: plain DPO)
+    replay_weight: float = 0.5  # share of the loss on replayed play text (0: none)
+    replay_windows: int = 8  # play windows (x context length) beside each batch
+    max_turns: int = 3  # SFT conversations hold 1 to max_turns exchanges (chat)
 
 
 def finetune_recipe(name: str = "laptop") -> FinetuneRecipe:

@@ -4,8 +4,10 @@ An example becomes one token sequence ``prompt + response + <|endoftext|>``. The
 model learns only the response: every prompt position gets the label -100, which
 ``F.cross_entropy`` (and so ``GPT.forward``) leaves out of the loss. A batch is
 right-padded to its longest sequence; padding is masked out of attention and of the
-loss. Scoring the fine-tuned model's answers is evaluation: ``answers`` and
-``task_accuracy`` live in ``shared.evaluation.instructions``.
+loss. ``with_replay`` and ``replay_loss`` mix pretraining text into the batches, so
+the model keeps its language while it learns the tasks. Scoring the fine-tuned
+model's answers is evaluation: ``answers``, ``task_accuracy`` and ``response_loss``
+live in ``shared.evaluation.instructions``. The chat format is ``shared.chat``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from shared.model import evaluating
 from shared.tasks import Example
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -115,22 +116,30 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss
 
 
-@torch.no_grad()
-def response_loss(
-    model: nn.Module, tokenizer, examples: Sequence[Example], batch_size: int = 64
-) -> float:
-    """Mean loss (nats/token) on the response tokens only, over all of ``examples``.
+def with_replay(batches: Iterator, windows) -> Iterator[tuple]:
+    """Pair each fine-tuning batch with a batch of pretraining windows ``(x, y)``
+    (``windows.next()``, e.g. a ``shared.dataset.BatchSampler`` over the play)."""
+    for batch in batches:
+        yield batch, windows.next()
 
-    The same number whatever the model was trained on, so models trained with and
-    without prompt masking compare fairly.
-    """
-    with evaluating(model):
-        encoded = encode_examples(tokenizer, examples, mask_prompt=True)
-        total, count = 0.0, 0
-        for i in range(0, len(encoded), batch_size):
-            batch = collate(encoded[i : i + batch_size], eos_id(tokenizer),
-                            model.config.context_length)  # fmt: skip
-            n = int((batch["targets"] != IGNORE).sum())
-            total += float(sft_loss(model, batch)) * n
-            count += n
-    return total / count
+
+def replay_loss(loss_fn, weight: float):
+    """``loss_fn`` on ``(batch, (x, y))`` pairs from ``with_replay``: ``(1 - weight)``
+    times the fine-tuning loss plus ``weight`` times the next-token loss on the
+    pretraining text ("replay", as in continual learning: the model keeps practising
+    what it should not forget). Metrics gain ``replay_loss``."""
+
+    def mixed(model: nn.Module, pair: tuple) -> tuple[torch.Tensor, dict]:
+        batch, (x, y) = pair
+        out = loss_fn(model, batch)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        device = next(model.parameters()).device
+        _, lm_loss = model(x.to(device), y.to(device))
+        mix = (1 - weight) * loss + weight * lm_loss
+        return mix, {
+            **metrics,
+            "task_loss": loss.detach(),
+            "replay_loss": lm_loss.detach(),
+        }
+
+    return mixed

@@ -13,7 +13,7 @@ import torch
 
 from shared import dpo, lora, sft, tasks
 from shared.data import REPO_ROOT as REPO
-from shared.evaluation import answers, task_accuracy
+from shared.evaluation import answers, response_loss, task_accuracy
 from shared.generation import generate
 from shared.model import GPT, GPTConfig
 from shared.pretrained import MODELS_DIR, load_course_model
@@ -361,7 +361,7 @@ def test_train_on_batches_learns_and_trains_only_the_adapter(course):
 
     def evaluate(step, m):
         calls.append((step, m.training))
-        return {"response_loss": sft.response_loss(m, tok, examples)}
+        return {"response_loss": response_loss(m, tok, examples)}
 
     h = train_on_batches(model, batches, sft.sft_loss, cfg, evaluate=evaluate,
                          progress=False)  # fmt: skip

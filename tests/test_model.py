@@ -367,7 +367,7 @@ class FailingForward(nn.Module):
 
 def scorers() -> dict:
     """Every function that puts a model in eval mode while it scores or generates."""
-    from shared import dpo, evaluation, loss, sft, tasks
+    from shared import dpo, evaluation, loss, tasks
     from shared.evaluation.harness import _score_windows
     from shared.generation import generate
     from shared.tokenizer import course_tokenizer
@@ -385,7 +385,9 @@ def scorers() -> dict:
         "loglikelihood": lambda m: evaluation.loglikelihood(
             m, tok, [("ROMEO:\n", "But soft"), ("KING:\n", "Go")], batch_size=1
         ),
-        "response_loss": lambda m: sft.response_loss(m, tok, examples, batch_size=2),
+        "response_loss": lambda m: evaluation.response_loss(
+            m, tok, examples, batch_size=2
+        ),
         "reference_logprobs": lambda m: dpo.reference_logprobs(m, pairs, batch_size=2),
         "harness windows": lambda m: _score_windows(m, [([1], [2]), ([3], [4])], 1),
         "generate": lambda m: generate(m, torch.tensor([[1, 2]]), 3),

@@ -1,16 +1,22 @@
 """Train and ship chapter 07's models: SFT, LoRA and DPO, from the shipped base model.
 
-  python chapters/07_finetuning_dpo/train_finetuned.py sft       # -> shakespeare-sft
-  python chapters/07_finetuning_dpo/train_finetuned.py unmasked  # the masking control
-  python chapters/07_finetuning_dpo/train_finetuned.py lora      # -> shakespeare-lora
-  python chapters/07_finetuning_dpo/train_finetuned.py dpo       # -> shakespeare-dpo
-  python chapters/07_finetuning_dpo/train_finetuned.py dpo_plain # without the NLL term
+  python chapters/07_finetuning_dpo/train_finetuned.py sft        # -> shakespeare-sft
+  python chapters/07_finetuning_dpo/train_finetuned.py sft_no_replay  # replay's control
+  python chapters/07_finetuning_dpo/train_finetuned.py unmasked   # masking's control
+  python chapters/07_finetuning_dpo/train_finetuned.py lora       # -> shakespeare-lora
+  python chapters/07_finetuning_dpo/train_finetuned.py dpo        # -> shakespeare-dpo
+  python chapters/07_finetuning_dpo/train_finetuned.py dpo_nll    # DPO's control
+  python chapters/07_finetuning_dpo/train_finetuned.py dpo_plain  # without the NLL term
 
-Recipes: ``shared.recipes.finetune_recipe()``. Each run writes its history and
-measured results to ``chapters/07_finetuning_dpo/results/<run>.json`` (read by the
-notebook) and ships its model to ``data/models/`` (``unmasked`` ships nothing).
-``dpo`` starts from the shipped SFT model, so run ``sft`` first. One thread, seeded:
-a rerun gives the same weights.
+Recipes: ``shared.recipes.finetune_recipe()``. SFT and DPO train the chat format
+(``shared.chat``: the tokenizer gains four marker tokens, the model four embedding
+rows); LoRA keeps the text template (its frozen embedding table cannot learn new
+rows). Every run but ``sft_no_replay`` mixes replayed play text into each step. Each
+run writes its history and measured results (held-out task accuracy and play
+bits/char) to ``chapters/07_finetuning_dpo/results/<run>.json`` (read by the notebook)
+and ships its model to ``data/models/`` (the controls ship nothing). The DPO runs
+start from the shipped SFT model, so run ``sft`` first. One thread, seeded: a rerun
+gives the same weights.
 """
 
 from __future__ import annotations
@@ -24,15 +30,19 @@ from pathlib import Path
 
 import torch
 
-from shared import dpo, lora, sft, tasks
+from shared import chat, dpo, lora, sft, tasks
 from shared.data import write_files
+from shared.dataset import BatchSampler
 from shared.device import describe_environment
-from shared.evaluation import task_accuracy
+from shared.evaluation import response_loss, task_accuracy
+from shared.loss import bits_per_char, evaluate_split
 from shared.pretrained import (
     COURSE_MODELS,
     MODELS_DIR,
+    as_ids,
     load_course_model,
     save_course_model,
+    shakespeare_splits,
     weights_sha256,
 )
 from shared.recipes import finetune_recipe
@@ -48,11 +58,31 @@ def machine() -> dict:
     return describe_environment() | {"load average at end": os.getloadavg()}
 
 
+_SPLITS: dict = {}
+
+
+def play_splits(tokenizer) -> dict:
+    """Tiny Shakespeare's token ids (the base tokenizer's: chat tokens never occur)."""
+    if not _SPLITS:
+        _SPLITS.update(shakespeare_splits(tokenizer))
+    return _SPLITS
+
+
+def play_bpc(model, tokenizer) -> float:
+    """Held-out Tiny Shakespeare bits/char, as chapter 04 measures the base model."""
+    splits = play_splits(tokenizer)
+    val = as_ids(splits["val_ids"])
+    return bits_per_char(evaluate_split(model, val, batch_size=32), len(val),
+                         splits["val_chars"])  # fmt: skip
+
+
 def sft_evaluator(tokenizer, test: list, accuracy_every: int = ACCURACY_EVERY):
-    """Held-out response loss at every evaluation, task accuracy every so often."""
+    """Held-out response loss and play bits/char at every evaluation, task accuracy
+    every so often."""
 
     def evaluate(step: int, model) -> dict:
-        rec = {"response_loss": sft.response_loss(model, tokenizer, test)}
+        rec = {"response_loss": response_loss(model, tokenizer, test),
+               "play_bpc": play_bpc(model, tokenizer)}  # fmt: skip
         if step % accuracy_every == 0:
             rec["accuracy"], _ = task_accuracy(model, tokenizer, test)
         return rec
@@ -60,15 +90,43 @@ def sft_evaluator(tokenizer, test: list, accuracy_every: int = ACCURACY_EVERY):
     return evaluate
 
 
+def chat_model(model, tokenizer):
+    """The tokenizer with the chat markers, the model with their embedding rows."""
+    tokenizer = chat.with_chat_tokens(tokenizer)
+    chat.grow_embeddings(model, tokenizer.vocab_size - model.config.vocab_size)
+    return model, tokenizer
+
+
+def replayed(batches, loss_fn, model, tokenizer, replay_weight: float, seed: int):
+    """Batches and loss with ``replay_weight`` of play text mixed in (0: unchanged)."""
+    if not replay_weight:
+        return batches, loss_fn
+    recipe = finetune_recipe()
+    windows = BatchSampler(as_ids(play_splits(tokenizer)["train_ids"]),
+                           recipe.replay_windows, model.config.context_length,
+                           seed=seed)  # fmt: skip
+    return sft.with_replay(batches, windows), sft.replay_loss(loss_fn, replay_weight)
+
+
 def run_sft(
-    model, tokenizer, cfg: TrainConfig, mask_prompt: bool = True, progress: bool = True
+    model,
+    tokenizer,
+    cfg: TrainConfig,
+    mask_prompt: bool = True,
+    progress: bool = True,
+    replay_weight: float = 0.0,
+    max_turns: int = 1,
 ) -> dict:
     """Fine-tune ``model`` in place on the instruction set; returns the history."""
     train, test = tasks.load_examples("train"), tasks.load_examples("test")
-    encoded = sft.encode_examples(tokenizer, train, mask_prompt=mask_prompt)
-    batches = sft.batches(encoded, cfg.batch_size, sft.eos_id(tokenizer),
-                          model.config.context_length, seed=cfg.seed)  # fmt: skip
-    return train_on_batches(model, batches, sft.sft_loss, cfg,
+    ctx = model.config.context_length
+    encoded = chat.encode_examples(tokenizer, train, mask_prompt, max_turns, ctx,
+                                   seed=cfg.seed)  # fmt: skip
+    batches = sft.batches(encoded, cfg.batch_size, chat.stop_id(tokenizer), ctx,
+                          seed=cfg.seed)  # fmt: skip
+    batches, loss_fn = replayed(batches, sft.sft_loss, model, tokenizer,
+                                replay_weight, cfg.seed)  # fmt: skip
+    return train_on_batches(model, batches, loss_fn, cfg,
                             evaluate=sft_evaluator(tokenizer, test),
                             progress=progress)  # fmt: skip
 
@@ -81,7 +139,8 @@ def summarise(history: dict, model, tokenizer, wall_s: float) -> dict:
     return {
         "accuracy": accuracy,
         "n_test": len(test),
-        "response_loss": sft.response_loss(model, tokenizer, test),
+        "play_bpc": play_bpc(model, tokenizer),
+        "response_loss": response_loss(model, tokenizer, test),
         "train_wall_s": wall_s,
         "step_s_median": steps[len(steps) // 2],
         "trainable_params": lora.trainable_parameters(model),
@@ -104,31 +163,41 @@ def base_sha256(name: str) -> str:
     return weights_sha256(MODELS_DIR / COURSE_MODELS[name])
 
 
-def cmd_sft(mask_prompt: bool) -> None:
+def cmd_sft(run: str) -> None:
+    """``sft`` (ships), ``sft_no_replay`` and ``unmasked`` (controls)."""
     recipe = finetune_recipe()
+    replay = 0.0 if run == "sft_no_replay" else recipe.replay_weight
+    mask_prompt = run != "unmasked"
     model, tokenizer, base_info = load_course_model("cpu")
     base_hash = base_sha256("base")  # the weights just loaded
+    model, tokenizer = chat_model(model, tokenizer)
     model.train()
     t0 = time.perf_counter()
-    history = run_sft(model, tokenizer, recipe.sft, mask_prompt)
+    history = run_sft(model, tokenizer, recipe.sft, mask_prompt, replay_weight=replay,
+                      max_turns=recipe.max_turns)  # fmt: skip
     results = summarise(history, model, tokenizer, time.perf_counter() - t0)
     results["machine"] = machine()
-    name = "sft" if mask_prompt else "sft_unmasked"
-    write_results(name, {"config": recipe.sft.to_dict(), "mask_prompt": mask_prompt,
-                         "history": history, "results": results})  # fmt: skip
-    if mask_prompt:
-        info = {
-            "name": COURSE_MODELS["sft"],
-            "description": "The course's Shakespeare model after supervised "
-            "fine-tuning on data/finetune/instructions-train.jsonl (prompt tokens "
-            "masked); chapter 07.",
-            "base": COURSE_MODELS["base"],
-            "base_weights_sha256": base_hash,
-            "base_results": base_info["results"],
-            "train_config": recipe.sft.to_dict(),
-            "results": {k: v for k, v in results.items() if k != "samples"},
-        }
-        save_course_model(model, tokenizer, MODELS_DIR / COURSE_MODELS["sft"], info)
+    settings = {"mask_prompt": mask_prompt, "replay_weight": replay,
+                "replay_windows": recipe.replay_windows, "max_turns": recipe.max_turns,
+                "format": "chat"}  # fmt: skip
+    write_results(run, {"config": recipe.sft.to_dict(), **settings,
+                        "history": history, "results": results})  # fmt: skip
+    if run != "sft":
+        return
+    info = {
+        "name": COURSE_MODELS["sft"],
+        "description": "The course's Shakespeare model after supervised "
+        "fine-tuning on data/finetune/instructions-train.jsonl in the chat format "
+        "(shared.chat; loss on assistant turns), half of each step's loss on "
+        "replayed play text; chapter 07.",
+        "base": COURSE_MODELS["base"],
+        "base_weights_sha256": base_hash,
+        "base_results": base_info["results"],
+        "train_config": recipe.sft.to_dict(),
+        **settings,
+        "results": {k: v for k, v in results.items() if k != "samples"},
+    }
+    save_course_model(model, tokenizer, MODELS_DIR / COURSE_MODELS["sft"], info)
 
 
 def cmd_lora() -> None:
@@ -138,18 +207,26 @@ def cmd_lora() -> None:
     lora.apply_lora(model, recipe.lora_r, recipe.lora_alpha, recipe.lora_targets)
     model.train()
     t0 = time.perf_counter()
-    history = run_sft(model, tokenizer, recipe.lora, mask_prompt=True)
+    history = run_sft(model, tokenizer, recipe.lora, replay_weight=recipe.replay_weight)
     results = summarise(history, model, tokenizer, time.perf_counter() - t0)
     results["machine"] = machine()
-    write_results("lora", {"config": recipe.lora.to_dict(), "history": history,
-                           "lora": model.lora_config, "results": results})  # fmt: skip
+    settings = {
+        "replay_weight": recipe.replay_weight,
+        "replay_windows": recipe.replay_windows,
+        "format": "text template",
+    }
+    write_results("lora", {"config": recipe.lora.to_dict(), **settings,
+                           "history": history, "lora": model.lora_config,
+                           "results": results})  # fmt: skip
     info = {
         "name": COURSE_MODELS["lora"],
         "description": "A LoRA adapter (PEFT format) on the course's Shakespeare "
-        "model, trained on the same instruction data and budget as the SFT model.",
+        "model, trained on the same instruction data and budget as the SFT model "
+        "(text template, half of each step's loss on replayed play text).",
         "base": f"../{COURSE_MODELS['base']}",
         "base_weights_sha256": base_hash,
         "train_config": recipe.lora.to_dict(),
+        **settings,
         "results": {k: v for k, v in results.items() if k != "samples"},
     }
     folder = MODELS_DIR / COURSE_MODELS["lora"]
@@ -163,8 +240,13 @@ def dpo_run(
     beta: float,
     sft_weight: float = 0.0,
     progress: bool = True,
+    dpo_weight: float = 1.0,
+    replay_weight: float = 0.0,
 ):
-    """DPO on the committed pairs against a frozen copy of ``policy``; history."""
+    """DPO on the committed pairs against a frozen copy of ``policy``; history.
+
+    ``dpo_weight=0`` is the NLL-only control: the same batches in the same order.
+    """
     reference = copy.deepcopy(policy).eval()
     train = dpo.encode_pairs(tokenizer, tasks.load_pairs("train"))
     test = dpo.encode_pairs(tokenizer, tasks.load_pairs("test"))
@@ -172,23 +254,31 @@ def dpo_run(
     ref_test = dpo.reference_logprobs(reference, test)
     batches = dpo.pair_batches(train, ref_train, cfg.batch_size,
                                policy.config.context_length, seed=cfg.seed)  # fmt: skip
+    step = dpo.dpo_step(beta, sft_weight, dpo_weight)
+    batches, step = replayed(batches, step, policy, tokenizer, replay_weight, cfg.seed)
 
     def evaluate(step: int, model) -> dict:
-        return dpo.preference_metrics(model, test, ref_test, beta)
+        return dpo.preference_metrics(model, test, ref_test, beta) | {
+            "play_bpc": play_bpc(model, tokenizer)
+        }
 
-    return train_on_batches(policy, batches, dpo.dpo_step(beta, sft_weight), cfg,
-                            evaluate=evaluate, progress=progress)  # fmt: skip
+    return train_on_batches(policy, batches, step, cfg, evaluate=evaluate,
+                            progress=progress)  # fmt: skip
 
 
-def cmd_dpo(plain: bool = False) -> None:
+def cmd_dpo(run: str) -> None:
+    """``dpo`` (ships), ``dpo_nll`` (the NLL term alone) and ``dpo_plain`` (no NLL)."""
     recipe = finetune_recipe()
     model, tokenizer, sft_info = load_course_model("cpu", name="sft")
     base_hash = base_sha256("sft")  # the weights just loaded
     before = task_accuracy(model, tokenizer, tasks.load_examples("test"))[0]
     model.train()
     t0 = time.perf_counter()
-    weight = recipe.dpo_sft_weight if not plain else 0.0
-    history = dpo_run(model, tokenizer, recipe.dpo, recipe.beta, weight)
+    weight = 0.0 if run == "dpo_plain" else recipe.dpo_sft_weight
+    dpo_weight = 0.0 if run == "dpo_nll" else 1.0
+    history = dpo_run(model, tokenizer, recipe.dpo, recipe.beta, weight,
+                      dpo_weight=dpo_weight,
+                      replay_weight=recipe.replay_weight)  # fmt: skip
     results = summarise(history, model, tokenizer, time.perf_counter() - t0)
     results.update(
         accuracy_before=before,
@@ -196,34 +286,43 @@ def cmd_dpo(plain: bool = False) -> None:
         preference_before=history["eval"][0],
         machine=machine(),
     )
-    name = "dpo_no_sft_term" if plain else "dpo"
-    write_results(name, {"config": recipe.dpo.to_dict(), "beta": recipe.beta,
-                         "sft_weight": weight,
-                          "history": history, "results": results})  # fmt: skip
-    if plain:
-        return  # the comparison run ships nothing
+    settings = {"beta": recipe.beta, "sft_weight": weight, "dpo_weight": dpo_weight,
+                "replay_weight": recipe.replay_weight, "format": "chat"}  # fmt: skip
+    write_results(run, {"config": recipe.dpo.to_dict(), **settings,
+                        "history": history, "results": results})  # fmt: skip
+    if run != "dpo":
+        return  # the comparison runs ship nothing
     info = {
         "name": COURSE_MODELS["dpo"],
         "description": "The course's SFT model after DPO on data/finetune/"
-        "preferences-train.jsonl (reference: the SFT model); chapter 07.",
+        "preferences-train.jsonl (reference: the SFT model), with the NLL term on "
+        "chosen answers and replayed play text; chapter 07.",
         "base": COURSE_MODELS["sft"],
         "base_weights_sha256": base_hash,
-        "beta": recipe.beta,
-        "sft_weight": weight,
+        **settings,
         "train_config": recipe.dpo.to_dict(),
         "results": {k: v for k, v in results.items() if k != "samples"},
     }
     save_course_model(model, tokenizer, MODELS_DIR / COURSE_MODELS["dpo"], info)
 
 
+RUNS = {
+    "sft": lambda: cmd_sft("sft"),
+    "sft_no_replay": lambda: cmd_sft("sft_no_replay"),
+    "unmasked": lambda: cmd_sft("unmasked"),
+    "lora": cmd_lora,
+    "dpo": lambda: cmd_dpo("dpo"),
+    "dpo_nll": lambda: cmd_dpo("dpo_nll"),
+    "dpo_plain": lambda: cmd_dpo("dpo_plain"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", choices=["sft", "unmasked", "lora", "dpo", "dpo_plain"])
+    parser.add_argument("run", choices=list(RUNS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # reproducible, and two runs can share two cores
-    {"sft": lambda: cmd_sft(True), "unmasked": lambda: cmd_sft(False),
-     "lora": cmd_lora, "dpo": cmd_dpo,
-     "dpo_plain": lambda: cmd_dpo(plain=True)}[args.run]()  # fmt: skip
+    RUNS[args.run]()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ Everything else public is importable from here, the loss units of ``shared.loss`
 included: ``from shared import evaluation as ev; ev.bits_per_char(...)``.
 """
 
-from shared.evaluation.instructions import accuracy_interval, answers, task_accuracy
+from shared.evaluation.instructions import (
+    accuracy_interval,
+    answers,
+    response_loss,
+    task_accuracy,
+)
 from shared.evaluation.multiple_choice import (
     EVAL_DIR,
     MC_TASKS,
@@ -104,6 +109,7 @@ __all__ = [
     "score_mc",
     "score_tokens",
     "split_request",
+    "response_loss",
     "task_accuracy",
     "training_vocabulary",
     "words",
