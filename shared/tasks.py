@@ -7,6 +7,11 @@ English (a 16-entry lexicon, applied word for word). Every example is built from
 source line of the play text; a line belongs to the held-out split when a hash of its
 text says so, so no source line is shared between the splits.
 
+Two held-out evaluations ask whether a model follows instructions or only the five
+sentences it was trained on: the test examples again with paraphrased instructions
+(``PARAPHRASES``, ``make_paraphrased``), and a sixth task no model is trained on,
+*What is the first word?* (``make_unseen``), built from held-out lines only.
+
 Preference pairs reuse the same examples: *chosen* is the right answer, *rejected* a
 checkable mistake (a wrong speaker, an off-format answer that runs on past the end,
 the words not reversed, a count off by one, the line left in modern English).
@@ -39,6 +44,37 @@ INSTRUCTIONS = {
     "count": "How many words are there?",
     "early_modern": "Say it in Shakespeare's English.",
 }
+# other wordings of each instruction, never used in training: does the model follow
+# the request, or only the one sentence it was trained on? (``make_paraphrased``)
+PARAPHRASES = {
+    "speaker": (
+        "Which character says this line?",
+        "Name the speaker of this line.",
+        "Whose words are these?",
+    ),
+    "repeat": (
+        "Say the words again.",
+        "Copy these words exactly.",
+        "Write the same words back.",
+    ),
+    "reverse": (
+        "Say these words backwards.",
+        "Give the words in reverse order.",
+        "Put the words in the opposite order, last word first.",
+    ),
+    "count": (
+        "Count the words.",
+        "What is the number of words?",
+        "Tell me how many words this has.",
+    ),
+    "early_modern": (
+        "Put this into the English of Shakespeare's day.",
+        "Rewrite it as Shakespeare would have said it.",
+        "Translate this into Early Modern English.",
+    ),
+}
+UNSEEN_TASK = "first_word"  # a task no model is trained on (``make_unseen``)
+UNSEEN_INSTRUCTION = "What is the first word?"
 NUMBERS = "zero one two three four five six seven eight nine".split()
 # modern -> early-modern, longest match first; applied word for word
 LEXICON = {
@@ -178,6 +214,52 @@ def make_examples(
     return out
 
 
+def make_paraphrased(examples: list[Example], seed: int = 0) -> list[Example]:
+    """``examples`` again, each once, with its instruction replaced by a paraphrase.
+
+    Inputs, answers, sources and order are kept, so accuracy on these compares one
+    to one with accuracy on ``examples``. Within each task the three paraphrases
+    are dealt out in turn and shuffled with ``seed``: each is used about equally.
+    """
+    rng = random.Random(f"{seed}-paraphrased")
+    deal: dict[str, list[str]] = {}
+    for task, n in sorted(task_counts(examples).items()):
+        options = PARAPHRASES[task]
+        deal[task] = [options[k % len(options)] for k in range(n)]
+        rng.shuffle(deal[task])
+    return [dataclasses.replace(e, instruction=deal[e.task].pop()) for e in examples]
+
+
+def make_unseen(
+    lines: list[tuple[str, str]], per_task: int, seed: int = 0
+) -> list[Example]:
+    """``per_task`` examples of a task never trained on: *What is the first word?*
+
+    Built like *repeat* from held-out lines only: 3-8 consecutive words of a line,
+    punctuation removed; the answer is the first of them.
+
+    Why this task: a tiny model can only do an unseen task by composing skills it
+    has. Here both parts are trained: *repeat* teaches it to copy the input's words
+    from the first one on, and *count* and *speaker* to give a one-word answer and
+    stop. *What is the last word?* needs *reverse*, the hardest of the five for
+    a small model, and *capital letters* needs spelling-level changes that the BPE
+    tokens hide (``the`` and ``THE`` share no token). With at least three words, a
+    model that just repeats the input gets it wrong: only following the new
+    instruction scores.
+    """
+    rng = random.Random(f"{seed}-{UNSEEN_TASK}")
+    pool = [i for i, (_, line) in enumerate(lines)
+            if is_held_out(line) and len(words_of(line)) >= 3]  # fmt: skip
+    out = []
+    for i in rng.sample(pool, per_task):
+        words = words_of(lines[i][1])
+        n = rng.randint(3, min(8, len(words)))
+        start = rng.randint(0, len(words) - n)
+        span = words[start : start + n]
+        out.append(Example(UNSEEN_TASK, UNSEEN_INSTRUCTION, " ".join(span), span[0], i))
+    return out
+
+
 def make_pairs(
     examples: list[Example], lines: list[tuple[str, str]], seed: int = 0
 ) -> list[Pair]:
@@ -288,7 +370,9 @@ def _text_fields(*names: str) -> Callable:
 
 
 def load_examples(split: str = "train", folder: Path | None = None) -> list[Example]:
-    """The committed instruction examples of ``split`` ("train" or "test")."""
+    """The committed instruction examples of ``split``: "train", "test", or one of
+    the held-out evaluations of the test lines, "paraphrased" (unseen wordings of
+    the five instructions) and "unseen" (a task never trained on)."""
     path = (folder or DATA_DIR) / f"instructions-{split}.jsonl"
     text = _text_fields("task", "instruction", "input", "output")
     return read_jsonl(path, Example, text)

@@ -3,8 +3,10 @@
     python chapters/07_finetuning_dpo/make_datasets.py [--out DIR] [--check]
 
 Deterministic: the same corpus gives byte-identical files. ``--check`` rebuilds in
-memory and fails if the committed files differ. See ``shared/tasks.py`` for how each
-task and each kind of rejected answer is made.
+memory and fails if the committed files differ. Besides the training and test files it
+writes two evaluation-only files from held-out lines: the test examples with
+paraphrased instructions, and a task never trained on. See ``shared/tasks.py`` for how
+each task and each kind of rejected answer is made.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from shared.data import read_text
 
 SIZES = {  # examples per task: (SFT train, SFT test, DPO train, DPO test)
     "per_task": (800, 100, 400, 100),
+    "unseen": 100,  # examples of the task never trained on
 }
+# evaluation-only files (held-out lines); stats.json counts the other files
+HELD_OUT_EVALS = ("instructions-paraphrased.jsonl", "instructions-unseen.jsonl")
 
 
 def build() -> dict[str, list]:
@@ -36,6 +41,10 @@ def build() -> dict[str, list]:
         "instructions-test.jsonl": test,
         "preferences-train.jsonl": tasks.make_pairs(pref_train, lines, seed=0),
         "preferences-test.jsonl": tasks.make_pairs(pref_test, lines, seed=1),
+        "instructions-paraphrased.jsonl": tasks.make_paraphrased(test, seed=0),
+        "instructions-unseen.jsonl": tasks.make_unseen(
+            lines, per_task=SIZES["unseen"], seed=0
+        ),
     }
 
 
@@ -60,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     args = parser.parse_args(argv)
     files = build()
-    stats = json.dumps(summary(files), indent=1) + "\n"
+    counted = {name: rows for name, rows in files.items() if name not in HELD_OUT_EVALS}
+    stats = json.dumps(summary(counted), indent=1) + "\n"
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             for name, rows in files.items():
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in files.items():
         tasks.write_jsonl(Path(args.out) / name, rows)
     (Path(args.out) / "stats.json").write_text(stats)
-    print(stats)
+    print(stats + json.dumps(summary({n: files[n] for n in HELD_OUT_EVALS}), indent=1))
     return 0
 
 
