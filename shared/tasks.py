@@ -73,6 +73,23 @@ PARAPHRASES = {
         "Translate this into Early Modern English.",
     ),
 }
+# more wordings, for training only (``vary_instructions``): does seeing a request in
+# several forms teach the model to recognise it in forms it has never seen?
+TRAIN_PARAPHRASES = {
+    "speaker": ("Who is speaking?", "Tell me who said this.", "Name the character."),
+    "repeat": ("Echo the words.", "Repeat after me.", "Say exactly what I wrote."),
+    "reverse": (
+        "Flip the word order.",
+        "Read the words from right to left.",
+        "Turn the words around.",
+    ),
+    "count": ("Word count?", "How long is this, in words?", "Number of words?"),
+    "early_modern": (
+        "Make it sound like Shakespeare.",
+        "Say it the way people spoke in 1600.",
+        "Use thou and thy.",
+    ),
+}
 UNSEEN_TASK = "first_word"  # a task no model is trained on (``make_unseen``)
 UNSEEN_INSTRUCTION = "What is the first word?"
 NUMBERS = "zero one two three four five six seven eight nine".split()
@@ -212,6 +229,20 @@ def make_examples(
             add(task, i, " ".join(span), answer)
     rng.shuffle(out)
     return out
+
+
+def vary_instructions(examples: list[Example], seed: int = 0) -> list[Example]:
+    """``examples`` with each instruction drawn at random from the task's trained
+    wording and its three ``TRAIN_PARAPHRASES`` (seeded; never a held-out
+    ``PARAPHRASES`` wording)."""
+    rng = random.Random(f"vary-{seed}")
+    return [
+        dataclasses.replace(
+            e,
+            instruction=rng.choice([INSTRUCTIONS[e.task], *TRAIN_PARAPHRASES[e.task]]),
+        )
+        for e in examples
+    ]
 
 
 def make_paraphrased(examples: list[Example], seed: int = 0) -> list[Example]:

@@ -338,3 +338,27 @@ def test_report_command_line(tmp_path):
     assert (
         "held-out bits/char" in table and table.count("\n") == len(ev.REPORT_ROWS) + 1
     )
+
+
+def test_mcnemar_matches_scipy_binomial_test_and_ignores_concordant_items():
+    from scipy.stats import binomtest
+
+    from shared.evaluation import mcnemar
+
+    rng = np.random.default_rng(0)
+    a = rng.random(300) < 0.6
+    b = np.where(rng.random(300) < 0.2, ~a, a)  # B flips a fifth of A's results
+    r = mcnemar(a, b)
+    n_ab, n_ba = int((a & ~b).sum()), int((~a & b).sum())
+    assert (r["a_only"], r["b_only"]) == (n_ab, n_ba)
+    expected = binomtest(n_ab, n_ab + n_ba, 0.5).pvalue
+    assert r["p_value"] == pytest.approx(expected, rel=1e-9)
+    assert r["difference"] == pytest.approx(a.mean() - b.mean())
+    # items both get right or both get wrong change nothing
+    more = mcnemar(
+        np.r_[a, [True] * 50, [False] * 50], np.r_[b, [True] * 50, [False] * 50]
+    )
+    assert more["p_value"] == pytest.approx(r["p_value"])
+    assert mcnemar(a, a)["p_value"] == 1.0
+    # a lopsided split is significant: 20 discordant items, all A's
+    assert mcnemar([True] * 20, [False] * 20)["p_value"] == pytest.approx(2 / 2**20)

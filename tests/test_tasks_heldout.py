@@ -114,3 +114,27 @@ def test_task_accuracy_scores_the_held_out_sets():
     assert tasks.UNSEEN_TASK in acc and len(responses) == len(examples)
     right = [tasks.check_answer(e, r) for e, r in zip(examples, responses, strict=True)]
     assert acc["all"] == sum(right) / len(examples)
+
+
+def test_training_wordings_never_use_a_held_out_wording():
+    def norm(s: str) -> str:
+        return "".join(ch for ch in s.lower() if ch.isalnum() or ch == " ").strip()
+
+    held_out = {norm(p) for ps in tasks.PARAPHRASES.values() for p in ps}
+    held_out.add(norm(tasks.UNSEEN_INSTRUCTION))
+    for task, wordings in tasks.TRAIN_PARAPHRASES.items():
+        assert len(set(wordings)) == 3
+        assert not {norm(w) for w in wordings} & held_out, task
+    train = tasks.load_examples("train")
+    varied = tasks.vary_instructions(train, seed=0)
+    assert [(e.input, e.output, e.task) for e in varied] == [
+        (e.input, e.output, e.task) for e in train
+    ]
+    used = {e.instruction for e in varied}
+    assert not {norm(w) for w in used} & held_out
+    for task in tasks.INSTRUCTIONS:  # every wording is used, the original too
+        options = {tasks.INSTRUCTIONS[task], *tasks.TRAIN_PARAPHRASES[task]}
+        mine = [e.instruction for e in varied if e.task == task]
+        assert set(mine) == options
+        assert max(mine.count(o) for o in options) < 0.35 * len(mine)
+    assert tasks.vary_instructions(train, seed=0) == varied

@@ -9,6 +9,16 @@ Everything else public is importable from here, the loss units of ``shared.loss`
 included: ``from shared import evaluation as ev; ev.bits_per_char(...)``.
 """
 
+from shared.evaluation.heads import (
+    CopyAlignment,
+    ablate_heads,
+    ablation_accuracy,
+    copy_alignment,
+    copy_attention,
+    copy_map,
+    single_head_ablations,
+    top_heads,
+)
 from shared.evaluation.instructions import (
     accuracy_interval,
     answers,
@@ -45,6 +55,7 @@ from shared.evaluation.statistics import (
     block_bootstrap_ci,
     bootstrap_ci,
     expected_calibration_error,
+    mcnemar,
     paired_bootstrap_ci,
     reliability,
 )
@@ -69,12 +80,15 @@ from shared.loss import (
 )
 
 __all__ = [
+    "CopyAlignment",
     "EVAL_DIR",
     "MCItem",
     "MCResult",
     "MC_TASKS",
     "REPORT_ROWS",
     "TokenScores",
+    "ablate_heads",
+    "ablation_accuracy",
     "accuracy_interval",
     "answers",
     "bits_per_byte",
@@ -83,6 +97,9 @@ __all__ = [
     "bootstrap_ci",
     "chance_accuracy",
     "context_length_of",
+    "copy_alignment",
+    "copy_attention",
+    "copy_map",
     "distinct_n",
     "encode_text",
     "estimate_loss",
@@ -100,6 +117,7 @@ __all__ = [
     "ngram_overlap",
     "ngram_set",
     "ngrams",
+    "mcnemar",
     "paired_bootstrap_ci",
     "perplexity",
     "reliability",
@@ -108,9 +126,11 @@ __all__ = [
     "sample_texts",
     "score_mc",
     "score_tokens",
+    "single_head_ablations",
     "split_request",
     "response_loss",
     "task_accuracy",
+    "top_heads",
     "training_vocabulary",
     "words",
 ]

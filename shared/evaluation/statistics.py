@@ -1,8 +1,10 @@
 """Uncertainty and calibration: bootstrap intervals (plain, paired on the same items,
-and in blocks for correlated per-token values), reliability bins and the expected
-calibration error."""
+and in blocks for correlated per-token values), McNemar's exact test for two models
+scored on the same items, reliability bins and the expected calibration error."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -40,6 +42,31 @@ def block_bootstrap_ci(
         raise ValueError(f"need at least two blocks of {block} values")
     means = values[: n * block].reshape(n, block).mean(axis=1)
     return bootstrap_ci(means, n_resamples, alpha, seed)
+
+
+def mcnemar(a_correct, b_correct) -> dict[str, float]:
+    """McNemar's exact test: do models A and B differ in accuracy on the same items?
+
+    Only the *discordant* items carry information: ``b`` items that A gets right and
+    B wrong, ``c`` the other way round. If the two models were equally good, each
+    discordant item would be A's with probability 1/2, so ``b`` is Binomial(b + c,
+    1/2); the two-sided p-value is the probability of a split at least as uneven.
+    Items both get right (or both wrong) say nothing about the difference, which is
+    why a paired test sees effects that two separate intervals hide.
+    """
+    a = np.asarray(a_correct, dtype=bool)
+    b_ = np.asarray(b_correct, dtype=bool)
+    if a.shape != b_.shape:
+        raise ValueError("paired results must have the same shape")
+    b, c = int((a & ~b_).sum()), int((~a & b_).sum())
+    n, k = b + c, min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {
+        "a_only": b,
+        "b_only": c,
+        "difference": (b - c) / len(a),
+        "p_value": min(1.0, 2 * tail),
+    }
 
 
 # ----------------------------------------------------------------- calibration
