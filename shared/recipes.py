@@ -84,6 +84,10 @@ class FinetuneRecipe:
     replay_weight: float = 0.5  # share of the loss on replayed play text (0: none)
     replay_windows: int = 8  # play windows (x context length) beside each batch
     max_turns: int = 3  # SFT conversations hold 1 to max_turns exchanges (chat)
+    grpo: TrainConfig | None = None  # batch_size = prompts per step
+    grpo_group: int = 8  # answers sampled per prompt
+    grpo_beta: float = 0.04  # KL penalty to the reference (the SFT model)
+    grpo_max_new_tokens: int = 24  # the longest answer is 19 tokens
 
 
 def finetune_recipe(name: str = "laptop") -> FinetuneRecipe:
@@ -100,7 +104,11 @@ def finetune_recipe(name: str = "laptop") -> FinetuneRecipe:
         max_steps=400, batch_size=16, lr=2e-4, min_lr=2e-5, warmup_steps=20,
         weight_decay=0.0, eval_interval=50, log_interval=10, seed=0,
     )  # fmt: skip
+    grpo = TrainConfig(
+        max_steps=300, batch_size=4, lr=1e-4, min_lr=1e-5, warmup_steps=10,
+        weight_decay=0.0, eval_interval=50, log_interval=10, seed=0,
+    )  # fmt: skip
     targets = ("c_attn", "c_proj", "c_fc")
     return FinetuneRecipe(
-        sft, lora, 16, 32.0, targets, dpo, beta=0.1, dpo_sft_weight=1.0
+        sft, lora, 16, 32.0, targets, dpo, beta=0.1, dpo_sft_weight=1.0, grpo=grpo
     )

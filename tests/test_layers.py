@@ -49,7 +49,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "distributed",
         ),
     ),
-    ("post-training", ("lora", "sft", "dpo", "chat")),
+    ("post-training", ("lora", "sft", "dpo", "chat", "grpo")),
     ("generation", ("generation", "quantize")),
     ("evaluation", ("evaluation",)),
     ("course models", ("recipes", "pretrained", "model_spec", "hf_export")),

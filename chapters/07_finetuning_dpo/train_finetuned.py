@@ -3,10 +3,12 @@
   python chapters/07_finetuning_dpo/train_finetuned.py sft        # -> shakespeare-sft
   python chapters/07_finetuning_dpo/train_finetuned.py sft_no_replay  # replay's control
   python chapters/07_finetuning_dpo/train_finetuned.py unmasked   # masking's control
+  python chapters/07_finetuning_dpo/train_finetuned.py sft_varied # four wordings each
   python chapters/07_finetuning_dpo/train_finetuned.py lora       # -> shakespeare-lora
   python chapters/07_finetuning_dpo/train_finetuned.py dpo        # -> shakespeare-dpo
   python chapters/07_finetuning_dpo/train_finetuned.py dpo_nll    # DPO's control
   python chapters/07_finetuning_dpo/train_finetuned.py dpo_plain  # without the NLL term
+  python chapters/07_finetuning_dpo/train_finetuned.py grpo       # RL from the checker
 
 Recipes: ``shared.recipes.finetune_recipe()``. SFT and DPO train the chat format
 (``shared.chat``: the tokenizer gains four marker tokens, the model four embedding
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from shared import chat, dpo, lora, sft, tasks
+from shared import chat, dpo, grpo, lora, sft, tasks
 from shared.data import write_files
 from shared.dataset import BatchSampler
 from shared.device import describe_environment
@@ -116,9 +118,16 @@ def run_sft(
     progress: bool = True,
     replay_weight: float = 0.0,
     max_turns: int = 1,
+    vary_wording: bool = False,
 ) -> dict:
-    """Fine-tune ``model`` in place on the instruction set; returns the history."""
+    """Fine-tune ``model`` in place on the instruction set; returns the history.
+
+    ``vary_wording`` asks each training example in one of four wordings
+    (``tasks.vary_instructions``) instead of always the same one.
+    """
     train, test = tasks.load_examples("train"), tasks.load_examples("test")
+    if vary_wording:
+        train = tasks.vary_instructions(train, seed=cfg.seed)
     ctx = model.config.context_length
     encoded = chat.encode_examples(tokenizer, train, mask_prompt, max_turns, ctx,
                                    seed=cfg.seed)  # fmt: skip
@@ -139,7 +148,18 @@ def summarise(history: dict, model, tokenizer, wall_s: float) -> dict:
     return {
         "accuracy": accuracy,
         "n_test": len(test),
+        # per held-out example, in file order: for paired tests between runs
+        "correct": [
+            tasks.check_answer(e, r) for e, r in zip(test, responses, strict=True)
+        ],
         "play_bpc": play_bpc(model, tokenizer),
+        # instruction following beyond the trained wordings (chapter 07, 7.12)
+        "accuracy_paraphrased": task_accuracy(
+            model, tokenizer, tasks.load_examples("paraphrased")
+        )[0],
+        "accuracy_unseen": task_accuracy(
+            model, tokenizer, tasks.load_examples("unseen")
+        )[0]["all"],
         "response_loss": response_loss(model, tokenizer, test),
         "train_wall_s": wall_s,
         "step_s_median": steps[len(steps) // 2],
@@ -164,7 +184,8 @@ def base_sha256(name: str) -> str:
 
 
 def cmd_sft(run: str) -> None:
-    """``sft`` (ships), ``sft_no_replay`` and ``unmasked`` (controls)."""
+    """``sft`` (ships), ``sft_no_replay`` and ``unmasked`` (controls), ``sft_varied``
+    (four wordings per instruction, for the held-out paraphrases)."""
     recipe = finetune_recipe()
     replay = 0.0 if run == "sft_no_replay" else recipe.replay_weight
     mask_prompt = run != "unmasked"
@@ -174,7 +195,8 @@ def cmd_sft(run: str) -> None:
     model.train()
     t0 = time.perf_counter()
     history = run_sft(model, tokenizer, recipe.sft, mask_prompt, replay_weight=replay,
-                      max_turns=recipe.max_turns)  # fmt: skip
+                      max_turns=recipe.max_turns,
+                      vary_wording=run == "sft_varied")  # fmt: skip
     results = summarise(history, model, tokenizer, time.perf_counter() - t0)
     results["machine"] = machine()
     settings = {"mask_prompt": mask_prompt, "replay_weight": replay,
@@ -306,14 +328,51 @@ def cmd_dpo(run: str) -> None:
     save_course_model(model, tokenizer, MODELS_DIR / COURSE_MODELS["dpo"], info)
 
 
+def cmd_grpo() -> None:
+    """GRPO from the shipped SFT model, rewarded by the tasks' checker; ships nothing
+    (its results, per-example correctness included, go to ``results/grpo.json``)."""
+    recipe = finetune_recipe()
+    cfg = recipe.grpo
+    model, tokenizer, _ = load_course_model("cpu", name="sft")
+    test = tasks.load_examples("test")
+    before = {"accuracy": task_accuracy(model, tokenizer, test)[0],
+              "play_bpc": play_bpc(model, tokenizer)}  # fmt: skip
+
+    def evaluate(step: int, m) -> dict:
+        rec = {"play_bpc": play_bpc(m, tokenizer)}
+        if step % 100 == 0:
+            rec["accuracy"], _ = task_accuracy(m, tokenizer, test)
+        return rec
+
+    model.train()
+    t0 = time.perf_counter()
+    history = grpo.grpo_train(
+        model, tokenizer, tasks.load_examples("train"), cfg,
+        group_size=recipe.grpo_group, prompts_per_step=cfg.batch_size,
+        beta=recipe.grpo_beta, max_new_tokens=recipe.grpo_max_new_tokens,
+        seed=cfg.seed, evaluate=evaluate, progress=True,
+    )  # fmt: skip
+    results = summarise(history, model, tokenizer, time.perf_counter() - t0)
+    results["before"] = before
+    results["samples_drawn"] = cfg.max_steps * cfg.batch_size * recipe.grpo_group
+    results["machine"] = machine()
+    settings = {"group_size": recipe.grpo_group, "beta": recipe.grpo_beta,
+                "max_new_tokens": recipe.grpo_max_new_tokens, "format": "chat",
+                "loss_type": "grpo", "temperature": 1.0}  # fmt: skip
+    write_results("grpo", {"config": cfg.to_dict(), **settings, "history": history,
+                           "results": results})  # fmt: skip
+
+
 RUNS = {
     "sft": lambda: cmd_sft("sft"),
     "sft_no_replay": lambda: cmd_sft("sft_no_replay"),
     "unmasked": lambda: cmd_sft("unmasked"),
+    "sft_varied": lambda: cmd_sft("sft_varied"),
     "lora": cmd_lora,
     "dpo": lambda: cmd_dpo("dpo"),
     "dpo_nll": lambda: cmd_dpo("dpo_nll"),
     "dpo_plain": lambda: cmd_dpo("dpo_plain"),
+    "grpo": cmd_grpo,
 }
 
 
