@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from shared import dpo, lora, sft, tasks
+from shared import chat, dpo, lora, sft, tasks
 from shared.data import REPO_ROOT as REPO
 from shared.evaluation import answers, response_loss, task_accuracy
 from shared.generation import generate
@@ -375,11 +375,16 @@ def test_train_on_batches_learns_and_trains_only_the_adapter(course):
 def test_shipped_finetuned_models_load_and_answer(name, course):
     base, tok = course
     model, tok2, info = load_course_model("cpu", name=name)
-    assert tok2.fingerprint() == tok.fingerprint()
+    # SFT and DPO speak the chat format (four marker tokens after the base's ids);
+    # LoRA cannot train new embedding rows and keeps the base tokenizer
+    expected = tok if name == "lora" else chat.with_chat_tokens(tok)
+    assert tok2.fingerprint() == expected.fingerprint()
+    assert model.config.vocab_size == expected.vocab_size
     assert bool(lora.lora_layers(model)) == (name == "lora")
     assert info["results"]["accuracy"]["all"] > 0.2  # the base model scores 0
+    assert abs(info["results"]["play_bpc"] - 2.216) < 0.15  # it kept the play
     examples = [e for e in tasks.load_examples("test") if e.task == "repeat"][:16]
-    acc, _ = task_accuracy(model, tok, examples)
+    acc, _ = task_accuracy(model, tok2, examples)
     assert acc["all"] > 0.2, acc
 
 
@@ -398,7 +403,7 @@ def test_an_adapter_refuses_a_base_it_was_not_trained_on(tmp_path):
     (adapter / "course.json").write_text(json.dumps(course))
     load_course_model("cpu", path=adapter)  # the base it was trained on
     # the base retrained (a consistent folder: here the SFT model's files)
-    for name in ("model.safetensors", "config.json"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
         shutil.copyfile(MODELS_DIR / "shakespeare-sft" / name, base / name)
     load_course_model("cpu", path=base)  # fine on its own
     with pytest.raises(CheckpointError) as refused:
