@@ -125,11 +125,13 @@ def check_tokenizer(tokenizer: BPETokenizer, vocab_size: int) -> None:
 
 
 def hf_config(model: GPT, tokenizer: BPETokenizer):
-    """The ``transformers.GPT2Config`` of ``model`` (eos/bos = <|endoftext|>)."""
+    """The ``transformers.GPT2Config`` of ``model`` (bos = <|endoftext|>; eos the
+    same, or ``<|end|>`` for a chat tokenizer, as its ``eos_token``)."""
     from transformers import GPT2Config
 
     cfg = model.config
     eot = tokenizer.special_tokens.get(ENDOFTEXT)
+    eos = tokenizer.special_tokens.get(END, eot)
     dtype = model.transformer.wte.weight.dtype
     return GPT2Config(
         vocab_size=cfg.vocab_size,
@@ -145,7 +147,7 @@ def hf_config(model: GPT, tokenizer: BPETokenizer):
         attn_pdrop=cfg.dropout,
         tie_word_embeddings=cfg.tie_weights,
         bos_token_id=eot,
-        eos_token_id=eot,
+        eos_token_id=eos,
         architectures=["GPT2LMHeadModel"],
         dtype=str(dtype).removeprefix("torch."),
     )
@@ -363,7 +365,7 @@ def export_hf(
     stale = check_out_dir(out, weights, overwrite, name)
 
     config = hf_config(model, tokenizer)
-    eot = config.eos_token_id
+    eot = config.bos_token_id
     # a chat model ends its turn with <|end|>: generate stops there too
     stops = [i for i in (eot, tokenizer.special_tokens.get(END)) if i is not None]
     generation = GenerationConfig(

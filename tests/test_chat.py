@@ -130,8 +130,12 @@ def messages_of(name: str) -> list[dict]:
 def test_export_carries_the_template(folder):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert "<|assistant|>" in config["chat_template"]
+    assert config["eos_token"] == "<|end|>"  # trainers append it to answers (TRL)
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [1023, 1027]  # <|endoftext|>, <|end|>
+    model_config = json.loads((folder / "config.json").read_text())
+    # the model's own eos agrees with its tokenizer's (transformers warns otherwise)
+    assert (model_config["eos_token_id"], model_config["bos_token_id"]) == (1027, 1023)
 
 
 def test_export_without_chat_tokens_has_no_template(base, tmp_path):
