@@ -5,8 +5,10 @@ frozen reference pi_ref (the SFT model) give each response an *implicit reward*
 ``beta * (log pi(y | x) - log pi_ref(y | x))``, where a log-probability is summed over
 the response's tokens only. The loss pushes the chosen reward above the rejected:
 ``-log sigmoid(r_w - r_l)``. ``beta`` sets how far the policy may move from the
-reference. Sequences are built as in ``shared.sft`` (prompt masked with -100,
-``<|endoftext|>`` appended), which is also how TRL's ``DPOTrainer`` builds them.
+reference. Sequences are built by ``shared.chat.encode_instruction`` (the chat
+format for a tokenizer with the chat markers, else the text template of ``shared.sft``;
+prompt masked with -100, the end marker appended), which is also how TRL's
+``DPOTrainer`` builds them from the exported tokenizer.
 """
 
 from __future__ import annotations
