@@ -172,15 +172,26 @@ class MultiHeadAttention(nn.Module):
         rope: bool = False,
         impl: str = "fused",
         rope_base: float = 10000.0,
+        n_kv_head: int | None = None,
     ) -> None:
         super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
         if d_in % n_head:
             raise ValueError(f"n_embd={d_in} must be divisible by n_head={n_head}")
+        if n_kv_head < 1 or n_head % n_kv_head:
+            raise ValueError(
+                f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}"
+            )
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.n_head, self.n_embd, self.head_dim = n_head, d_in, d_in // n_head
+        # grouped-query attention: n_kv_head key/value heads, each shared by
+        # n_head // n_kv_head query heads (= n_head: multi-head, 1: multi-query)
+        self.n_kv_head = n_kv_head
         self.context_length, self.dropout, self.impl = context_length, dropout, impl
-        self.c_attn = nn.Linear(d_in, 3 * d_in, bias=bias)  # q, k, v in one matmul
+        kv_dim = n_kv_head * self.head_dim
+        # q, k, v in one matmul: [q (n_embd) | k (kv_dim) | v (kv_dim)] outputs
+        self.c_attn = nn.Linear(d_in, d_in + 2 * kv_dim, bias=bias)
         self.c_proj = nn.Linear(d_in, d_in, bias=bias)  # mixes the heads back together
         self.resid_dropout = nn.Dropout(dropout)
         self.rope = rope
@@ -202,6 +213,7 @@ class MultiHeadAttention(nn.Module):
             rope=config.pos_encoding == "rope",
             impl=config.attn_impl,
             rope_base=config.rope_base,
+            n_kv_head=getattr(config, "n_kv_head", None),
         )
 
     def forward(
@@ -225,16 +237,22 @@ class MultiHeadAttention(nn.Module):
         check_positions(t, self.context_length)
         if self.rope and position_ids is not None:  # they index the rotation tables
             check_positions(position_ids, self.context_length)
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently
-        q, k, v = (
-            z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v)
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_embd, kv_dim, kv_dim], dim=2)
+        # (B, T, C) -> (B, heads, T, head_dim): each head attends independently
+        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (
+            z.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2) for z in (k, v)
         )
         if self.rope:
             q = apply_rope(q, self.rope_cos, self.rope_sin, position_ids)
             k = apply_rope(k, self.rope_cos, self.rope_sin, position_ids)
         if cache is not None:  # keys and values of the earlier tokens, then these
-            k, v = cache.update(k, v)
+            k, v = cache.update(k, v)  # the cache holds n_kv_head heads: GQA's saving
+        k, v = (
+            repeat_kv(k, self.n_head // self.n_kv_head),
+            repeat_kv(v, self.n_head // self.n_kv_head),
+        )
         impl = "explicit" if return_weights else (impl or self.impl)
         p = self.dropout if self.training else 0.0
         result = causal_attention(
@@ -246,6 +264,14 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).contiguous().view(b, t, self.n_embd)
         out = self.resid_dropout(self.c_proj(out))
         return (out, weights) if return_weights else out
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, n_kv_head, T, d) -> (B, n_kv_head * groups, T, d): key/value head j serves
+    query heads j * groups .. j * groups + groups - 1 (Llama's layout)."""
+    if groups == 1:
+        return x
+    return x.repeat_interleave(groups, dim=1)
 
 
 def expand_attention_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

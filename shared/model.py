@@ -63,6 +63,10 @@ class GPTConfig:
         None  # feed-forward width; None: 4 n_embd (SwiGLU: 2/3 of it)
     )
     rope_base: float = 10000.0  # RoPE's longest wavelength, in positions (/ 2 pi)
+    # key/value heads (chapter 9): None or n_head = multi-head attention, fewer =
+    # grouped-query attention (each shared by n_head // n_kv_head query heads),
+    # 1 = multi-query attention; the KV cache shrinks by n_head / n_kv_head
+    n_kv_head: int | None = None
 
     def __post_init__(self) -> None:
         for name, value, allowed in [
@@ -76,6 +80,12 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+            )
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
             )
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("RoPE needs an even head dimension (n_embd // n_head)")

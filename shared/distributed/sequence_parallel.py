@@ -282,6 +282,8 @@ def _attention_sublayer(
     """``MultiHeadAttention.forward`` on this rank's slice, with its own weights and
     a sequence-parallel ``attention`` in place of ``causal_attention``."""
     b, t, _ = x.shape
+    if attn.n_kv_head != attn.n_head:
+        raise NotImplementedError("sequence parallelism here runs multi-head attention")
     q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
     q, k, v = (
         z.view(b, t, attn.n_head, attn.head_dim).transpose(1, 2) for z in (q, k, v)

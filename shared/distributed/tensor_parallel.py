@@ -38,6 +38,8 @@ def qkv_rows_by_rank(n_embd: int, n_head: int, tp: int) -> torch.Tensor:
 def permute_qkv(model: nn.Module, tp: int, inverse: bool = False) -> None:
     """Reorder (or restore) every block's ``c_attn`` rows for ``tp`` ranks, in place."""
     cfg = model.config
+    if cfg.n_kv_head != cfg.n_head:
+        raise NotImplementedError("tensor parallelism here shards multi-head attention")
     order = qkv_rows_by_rank(cfg.n_embd, cfg.n_head, tp)
     if inverse:
         order = torch.argsort(order)
@@ -73,6 +75,7 @@ def tensor_parallelize(model: nn.Module, mesh) -> nn.Module:
     for block in model.transformer.h:
         parallelize_module(block, mesh, plan)
         block.attn.n_head //= tp  # each rank reshapes its slice into its own heads
+        block.attn.n_kv_head //= tp
         block.attn.n_embd //= tp
     return model
 

@@ -24,7 +24,7 @@ class KVCache:
     Generation runs the prompt through the model once (*prefill*), then one token
     at a time (*decode*): each step computes the new token's query, key and value
     only, writes key and value after the cached ones, and attends to all of them.
-    The tensors (n_layer, B, n_head, max_len, head_dim) are allocated on the first
+    The tensors (n_layer, B, n_kv_head, max_len, head_dim) are allocated on the first
     write, with the keys' batch size, dtype and device; writing is a copy into a
     slice, not a concatenation that reallocates everything at every step.
     """
@@ -40,7 +40,7 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` (B, n_head, T, head_dim) at the next T positions of
+        """Store ``k, v`` (B, n_kv_head, T, head_dim) at the next T positions of
         ``layer``; return that layer's keys and values up to and including them."""
         b, h, t, d = k.shape
         if self.k is None:
@@ -58,6 +58,15 @@ class KVCache:
         """Count ``t`` more cached positions (the model calls it after all layers)."""
         self.length += t
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative decoding rolls back
+        rejected tokens this way); the memory stays allocated."""
+        if not 0 <= length <= self.length:
+            raise ValueError(
+                f"cannot truncate {self.length} cached positions to {length}"
+            )
+        self.length = length
+
     @property
     def nbytes(self) -> int:
         """Bytes allocated for keys and values."""
@@ -65,5 +74,8 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(config, batch_size: int = 1, bytes_per_value: int = 4) -> int:
-        """Cache bytes one position costs: keys and values, every layer and head."""
-        return 2 * config.n_layer * config.n_embd * batch_size * bytes_per_value
+        """Cache bytes one position costs: keys and values, every layer and key/value
+        head: 2 x n_layer x n_kv_head x head_dim x batch x bytes per value."""
+        n_kv_head = getattr(config, "n_kv_head", None) or config.n_head
+        head_dim = config.n_embd // config.n_head
+        return 2 * config.n_layer * n_kv_head * head_dim * batch_size * bytes_per_value
