@@ -1,4 +1,4 @@
-"""Export a course GPT and its tokenizer as a Hugging Face GPT-2 folder.
+"""Export a course GPT and its tokenizer as a Hugging Face GPT-2 (or Llama) folder.
 
 ``export_hf(model, tokenizer, "out")`` writes what ``GPT2LMHeadModel.from_pretrained``
 and ``GPT2TokenizerFast.from_pretrained`` (and the ``Auto`` classes) read::
@@ -12,6 +12,10 @@ and ``GPT2TokenizerFast.from_pretrained`` (and the ``Auto`` classes) read::
       tokenizer_config.json   special tokens, model_max_length = context length
       special_tokens_map.json
       course_info.json        the course's own record (configs, results), if given
+
+A Llama-style model (``GPTConfig(norm="rmsnorm", ffn="swiglu", pos_encoding="rope",
+bias=False)``) is written as a ``LlamaForCausalLM`` folder instead: the same files,
+with ``shared.llama_export``'s config and weights.
 
 A tokenizer with the chat tokens (``shared.chat.with_chat_tokens``) also gets the
 course's ``chat_template`` in ``tokenizer_config.json``, so ``apply_chat_template``
@@ -59,6 +63,7 @@ import torch
 from shared.chat import CHAT_TEMPLATE, END, has_chat_tokens
 from shared.data import sha256sum, write_files
 from shared.gpt2_weights import CONV1D_WEIGHTS
+from shared.llama_export import is_llama_style, llama_config, llama_state_dict
 from shared.lora import lora_layers, merge_lora
 from shared.model import GPT
 from shared.model_spec import ModelSpec, load_model
@@ -89,7 +94,8 @@ def check_exportable(model: GPT) -> None:
             "Hugging Face's GPT-2 cannot represent this model: "
             + "; ".join(problems)
             + ". Only GPT-2-style models (GPTConfig's defaults) export to GPT-2; "
-            "tie_weights=False is fine."
+            "tie_weights=False is fine. Llama-style models (norm='rmsnorm', "
+            "ffn='swiglu', pos_encoding='rope', bias=False) export to Llama."
         )
 
 
@@ -345,7 +351,8 @@ def export_hf(
     info: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` and ``tokenizer`` as a Hugging Face GPT-2 folder; returns it.
+    """Write ``model`` and ``tokenizer`` as a Hugging Face GPT-2 folder, or a Llama
+    folder for a Llama-style model (``shared.llama_export``); returns it.
 
     All files are written to temporary names, flushed to the disk and then renamed
     (``shared.data.write_files``): a full disk or a crash leaves ``out_dir`` as it
@@ -357,14 +364,17 @@ def export_hf(
     from safetensors.torch import save
     from transformers import GenerationConfig
 
-    check_exportable(model)
+    llama = isinstance(model, GPT) and is_llama_style(model.config)
+    if not llama:
+        check_exportable(model)
     check_tokenizer(tokenizer, model.config.vocab_size)
     out = Path(out_dir)
-    weights = save(hf_state_dict(model), {"format": "pt"})
+    state = llama_state_dict(model) if llama else hf_state_dict(model)
+    weights = save(state, {"format": "pt"})
     name = (info or {}).get("name")
     stale = check_out_dir(out, weights, overwrite, name)
 
-    config = hf_config(model, tokenizer)
+    config = (llama_config if llama else hf_config)(model, tokenizer)
     eot = config.bos_token_id
     # a chat model ends its turn with <|end|>: generate stops there too
     stops = [i for i in (eot, tokenizer.special_tokens.get(END)) if i is not None]
@@ -405,8 +415,9 @@ def export_course_model(
     model_dir: str | Path | ModelSpec, out_dir: str | Path, overwrite: bool = False
 ) -> Path:
     """Export a course model (anything ``--model`` names, ``shared.model_spec``; a
-    LoRA adapter: base and adapter merged) as a Hugging Face GPT-2 folder, with its
-    ``config.json`` as ``course_info.json``; ``overwrite`` as in ``export_hf``."""
+    LoRA adapter: base and adapter merged) as a Hugging Face GPT-2 folder (Llama for
+    a Llama-style model), its ``config.json`` as ``course_info.json``; ``overwrite``
+    as in ``export_hf``."""
     model, tokenizer, info = load_model(model_dir, "cpu")
     if lora_layers(model):
         merge_lora(model)
