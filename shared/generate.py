@@ -2,6 +2,8 @@
 (the generation itself is ``shared.generation``).
 
     python -m shared.generate --prompt "ROMEO:\\n" --max-new-tokens 100 --seed 1
+    python -m shared.generate --model sft --chat --temperature 0 \\
+        --prompt "How many words are there?\\nmy kingdom for a horse"
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from shared.chat import END, format_chat, has_chat_tokens
 from shared.generation import check_settings, complete, stream, unescape
 from shared.model_spec import MODEL_HELP, load_model
 
@@ -46,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--stream", action="store_true", help="print the text as it is generated"
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="--prompt is a user message in chapter 7's chat format (models sft, "
+        "dpo): print only the answer, which ends at <|end|>",
+    )
     parser.add_argument("--device", help="cpu, cuda, mps (default: the best one)")
     args = parser.parse_args(argv)
     settings = dict(
@@ -55,16 +64,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         check_settings(**settings)
         model, tokenizer, _ = load_model(args.model, args.device)
+        if args.chat and not has_chat_tokens(tokenizer):
+            raise ValueError(
+                f"--chat needs a chat model (sft, dpo): {args.model} has no chat tokens"
+            )
     except Exception as err:  # a missing or damaged model folder, a bad device
         parser.error(" ".join(str(err).split()))  # one line, exit code 2
+    prompt, shown = args.prompt, args.prompt  # shown: printed before the text
+    if args.chat:  # the markers are special tokens: complete() allows them
+        user = [{"role": "user", "content": args.prompt}]
+        prompt, shown = format_chat(user, add_generation_prompt=True), ""
+        settings["stop"] = [*args.stop, END]
     try:
         if args.stream:
-            print(args.prompt, end="", flush=True)
-            for piece in stream(model, tokenizer, args.prompt, **settings):
+            print(shown, end="", flush=True)
+            for piece in stream(model, tokenizer, prompt, **settings):
                 print(piece, end="", flush=True)
             print()
         else:
-            print(args.prompt + complete(model, tokenizer, args.prompt, **settings))
+            print(shown + complete(model, tokenizer, prompt, **settings))
     except KeyboardInterrupt:
         print()
         sys.exit(130)

@@ -1,6 +1,7 @@
-"""OpenAI's completions API, the request side: the fields this course's server
-accepts, how a request body becomes checked generation settings (``parse_request``),
-and the error every refusal becomes (``APIError``, OpenAI's JSON error shape).
+"""OpenAI's completions and chat completions APIs, the request side: the fields this
+course's server accepts, how a request body becomes checked generation settings
+(``parse_request``, ``parse_chat_request``), and the error every refusal becomes
+(``APIError``, OpenAI's JSON error shape).
 The sampling settings are checked by ``shared.generation.check_settings``, the same
 function the command line uses."""
 
@@ -10,12 +11,18 @@ import json
 import math
 from collections.abc import Generator
 
+from shared.chat import check_messages
 from shared.generation import Completion, SettingError, check_settings
 
 MAX_TOKENS = 1024  # per request: bounds how long one request holds the model
 MAX_STOPS = 4  # as OpenAI
 MAX_BODY_BYTES = 1 << 20
-ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST"}
+ROUTES = {
+    "/health": "GET",
+    "/v1/models": "GET",
+    "/v1/completions": "POST",
+    "/v1/chat/completions": "POST",
+}
 # OpenAI's fields that only have one value here: accepted at it, refused otherwise
 NEUTRAL = {
     "n": 1,
@@ -31,6 +38,11 @@ KNOWN = {
     *("prompt", "model", "max_tokens", "temperature", "top_p", "top_k", "seed"),
     *("stop", "stream", "stream_options", "echo", "user"),
 }
+# the chat endpoint's: messages instead of a prompt, no echo or suffix
+CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k not in ("best_of", "suffix")}
+CHAT_NEUTRAL |= {"logprobs": False, "top_logprobs": None}
+CHAT_KNOWN = {*CHAT_NEUTRAL, *(KNOWN - {"prompt", "echo", *NEUTRAL})}
+CHAT_KNOWN |= {"messages", "max_completion_tokens"}
 HINTS = {  # other libraries' names for OpenAI's fields
     "max_new_tokens": "max_tokens",
     "max_length": "max_tokens",
@@ -116,24 +128,22 @@ def _stops(value) -> list[str]:
     return stops
 
 
-def parse_request(body: dict, model_name: str) -> dict:
-    """The checked settings of a completion request; ``APIError`` says what is wrong."""
+def _check_fields(body: dict, known: set[str], neutral: dict) -> None:
+    """Refuse unknown fields and OpenAI's fields at a value this server lacks."""
     for key in body:
-        if key not in KNOWN:
+        if key not in known:
             hint = f"; did you mean {HINTS[key]!r}?" if key in HINTS else ""
             name = key if len(key) <= 60 else key[:57] + "..."
             raise APIError(400, f"unknown field {name!r}{hint}", name)
-    for key, neutral in NEUTRAL.items():
-        if body.get(key, neutral) not in (neutral, None):
-            value = _shown(body[key])
-            message = f"{key}={value} is not supported (only {json.dumps(neutral)})"
+    for key, value in neutral.items():
+        if body.get(key, value) not in (value, None):
+            shown = _shown(body[key])
+            message = f"{key}={shown} is not supported (only {json.dumps(value)})"
             raise APIError(400, message, key)
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        message = "prompt is required" if prompt is None else "prompt must be a string"
-        if isinstance(prompt, list):
-            message += " (a list of prompts or of token ids is not supported)"
-        raise APIError(400, message, "prompt")
+
+
+def _settings(body: dict, model_name: str, max_tokens_key: str = "max_tokens") -> dict:
+    """The checked settings both endpoints share: model, sampling, stop, stream."""
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(
@@ -142,10 +152,12 @@ def parse_request(body: dict, model_name: str) -> dict:
             "model",
             code="model_not_found",
         )
-    max_tokens = _number(body, "max_tokens", 16, integer=True)
+    max_tokens = _number(body, max_tokens_key, 16, integer=True)
     if not 1 <= max_tokens <= MAX_TOKENS:  # 10**400 too: compared as an int
-        message = f"max_tokens must be 1 to {MAX_TOKENS}, got {_shown(max_tokens)}"
-        raise APIError(400, message, "max_tokens")
+        message = (
+            f"{max_tokens_key} must be 1 to {MAX_TOKENS}, got {_shown(max_tokens)}"
+        )
+        raise APIError(400, message, max_tokens_key)
     temperature = _number(body, "temperature", 1.0)
     top_p = _number(body, "top_p", 1.0)
     top_k = _number(body, "top_k", None, integer=True)
@@ -161,7 +173,6 @@ def parse_request(body: dict, model_name: str) -> dict:
             400, 'stream_options takes only {"include_usage": bool}', "stream_options"
         )
     return {
-        "prompt": prompt,
         "max_new_tokens": max_tokens,
         "temperature": temperature,
         "top_k": top_k,
@@ -169,9 +180,49 @@ def parse_request(body: dict, model_name: str) -> dict:
         "seed": seed,
         "stop": stops,
         "stream": _flag(body, "stream"),
-        "echo": _flag(body, "echo"),
         "include_usage": _flag(options, "include_usage"),
     }
+
+
+def parse_request(body: dict, model_name: str) -> dict:
+    """The checked settings of a completion request; ``APIError`` says what is wrong."""
+    _check_fields(body, KNOWN, NEUTRAL)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        message = "prompt is required" if prompt is None else "prompt must be a string"
+        if isinstance(prompt, list):
+            message += " (a list of prompts or of token ids is not supported)"
+        raise APIError(400, message, "prompt")
+    settings = _settings(body, model_name)
+    return {"prompt": prompt, **settings, "echo": _flag(body, "echo")}
+
+
+def _joined(message):
+    """``message`` with OpenAI's list of text parts as content joined into one
+    string; anything else unchanged (``check_messages`` judges it)."""
+    parts = message.get("content") if isinstance(message, dict) else None
+    if isinstance(parts, list) and all(
+        isinstance(p, dict)
+        and p.get("type") == "text"
+        and isinstance(p.get("text"), str)
+        for p in parts
+    ):
+        return {**message, "content": "".join(p["text"] for p in parts)}
+    return message
+
+
+def parse_chat_request(body: dict, model_name: str) -> dict:
+    """The checked messages and settings of a chat completion request."""
+    _check_fields(body, CHAT_KNOWN, CHAT_NEUTRAL)
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        messages = [_joined(m) for m in messages]
+    try:
+        check_messages(messages, add_generation_prompt=True)
+    except ValueError as err:
+        raise APIError(400, str(err), "messages") from None
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    return {"messages": messages, **_settings(body, model_name, key)}
 
 
 def usage(result: Completion) -> dict:

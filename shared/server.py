@@ -1,6 +1,7 @@
-"""An OpenAI-style completions server for a course model, on the standard library.
+"""An OpenAI-style server for a course model, on the standard library, with
+continuous batching.
 
-    python -m shared.serve --model base --port 8000   (command line: shared/serve.py)
+    python -m shared.serve --model sft --port 8000   (command line: shared/serve.py)
     curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 40}'
 
 * ``POST /v1/completions``: OpenAI's fields ``prompt`` (a string), ``max_tokens``
@@ -10,22 +11,31 @@
   this server does not implement (``n``, ``logprobs``, penalties, ...) are accepted
   at their neutral value and refused otherwise; unknown fields are refused, so a typo
   such as ``max_new_tokens`` is not silently ignored.
+* ``POST /v1/chat/completions``: ``messages`` (``{"role", "content"}``, chapter 7's
+  roles) instead of a prompt, the same settings (also ``max_completion_tokens``); the
+  prompt is ``encode_chat(..., add_generation_prompt=True)`` and the answer ends at
+  ``<|end|>``. Only for a model whose tokenizer has the chat tokens (``sft``,
+  ``dpo``); the base model answers 400.
 * ``stream: true`` answers with server-sent events: one ``data: {chunk}`` per piece of
-  text, a last chunk with ``finish_reason``, then ``data: [DONE]``. An error once the
-  stream has begun comes as a ``data: {"error": ...}`` event.
+  text (chat: a ``delta``, the first one carrying the role), a last chunk with
+  ``finish_reason``, then ``data: [DONE]``. An error once the stream has begun comes
+  as a ``data: {"error": ...}`` event.
 * ``GET /v1/models`` lists the one model; ``GET /health`` says it is up (``HEAD``
   answers as ``GET`` without the body, ``OPTIONS`` with the ``Allow`` header).
 
 Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with status 400
 (bad request), 404, 405 (with ``Allow``), 411, 413, 500, 501 (a method this server
 does not know) or 503, also for what the standard library refuses itself (a bad
-request line, headers too long), and the server goes on serving. Requests run in
-threads, but generation holds ``server.lock``: one completion at a time, so the model
-(its mode, a KV cache) is never used by two threads at once; on two CPU cores
-parallel generations would only share the same cores anyway. Completions wait for
-the lock in a bounded queue: beyond ``max_waiting`` of them a request is answered
-at once with 503 and ``Retry-After``. The listen backlog (``request_queue_size``)
-holds a burst of connections until they are accepted, so none is reset.
+request line, headers too long), and the server goes on serving.
+
+Requests run in threads, but only one thread runs the model: a
+``shared.generation.SchedulerThread`` batches every request in flight, up to
+``max_batch`` at once, one token each per forward pass (continuous batching,
+``shared/generation/batching.py``). A handler submits its request and waits for
+its tokens, or streams them as they come. Beyond the batch, ``max_waiting``
+requests may wait for a slot; more are answered at once with 503 and
+``Retry-After``. The listen backlog (``request_queue_size``) holds a burst of
+connections until they are accepted, so none is reset.
 """
 
 from __future__ import annotations
@@ -42,17 +52,27 @@ from urllib.parse import urlsplit
 
 from torch import nn
 
-from shared.generation import Completion, stream_completion
+from shared.chat import encode_chat, has_chat_tokens, stop_id
+from shared.generation import (
+    ENDOFTEXT,
+    Completion,
+    Request,
+    SchedulerThread,
+    encode_prompt,
+    stream_text,
+)
 from shared.openai_api import (
     MAX_BODY_BYTES,
     ROUTES,
     APIError,
     finish,
+    parse_chat_request,
     parse_request,
     usage,
 )
 
-MAX_WAITING = 32  # completions queued behind the one generating; more get 503
+MAX_BATCH = 8  # requests generating together, one token each per forward pass
+MAX_WAITING = 32  # requests waiting for a place in the batch; more get 503
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait before asking again
 
 
@@ -112,7 +132,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 raise APIError(
                     404,
                     f"unknown path {path}; this server has POST /v1/completions, "
-                    "GET /v1/models and GET /health",
+                    "POST /v1/chat/completions, GET /v1/models and GET /health",
                 )
             allow = ROUTES[path] + (", HEAD" if ROUTES[path] == "GET" else "")
             allow += ", OPTIONS"
@@ -126,6 +146,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 self._send_json(200, {"status": "ok", "model": self.server.model_name})
             elif path == "/v1/models":
                 self._send_json(200, self._models())
+            elif path == "/v1/chat/completions":
+                self._chat()
             else:
                 self._completions()
         except APIError as err:
@@ -174,37 +196,106 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def _completions(self) -> None:
         request = parse_request(self._read_json(), self.server.model_name)
-        settings = {
-            key: request[key]
-            for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
-        }
-        model, tokenizer = self.server.model, self.server.tokenizer
+        tokenizer = self.server.tokenizer
         try:
-            pieces = stream_completion(
-                model, tokenizer, request["prompt"], stop=request["stop"], **settings
-            )
+            ids = encode_prompt(tokenizer, request["prompt"])
         except ValueError as err:  # what parse_request let through, e.g. a tokenizer
             raise APIError(400, str(err)) from None
-        head = {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "text_completion",
+        head = self._head("cmpl", "text_completion")
+        echo = request["prompt"] if request["echo"] else ""
+
+        def choice(text: str, finish_reason: str | None = None) -> dict:
+            return {
+                "text": text,
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+
+        eos_id = tokenizer.special_tokens.get(ENDOFTEXT)
+        opening = [choice(echo)] if echo else []
+        self._answer(request, ids, eos_id, head, choice, opening, echo)
+
+    def _chat(self) -> None:
+        request = parse_chat_request(self._read_json(), self.server.model_name)
+        tokenizer = self.server.tokenizer
+        if not has_chat_tokens(tokenizer):
+            raise APIError(
+                400,
+                f"the model {self.server.model_name!r} has no chat format: its "
+                "tokenizer lacks chapter 7's chat tokens (<|user|>, <|assistant|>, "
+                "<|end|>); serve a chat model (python -m shared.serve --model sft) "
+                "or use /v1/completions",
+                "messages",
+                code="chat_not_supported",
+            )
+        ids, _ = encode_chat(tokenizer, request["messages"], add_generation_prompt=True)
+        head = self._head("chatcmpl", "chat.completion")
+
+        def choice(text: str, finish_reason: str | None = None) -> dict:
+            delta = {"content": text} if text or finish_reason is None else {}
+            return {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+        opening = [{**role, "logprobs": None, "finish_reason": None}]
+        self._answer(request, ids, stop_id(tokenizer), head, choice, opening)
+
+    def _head(self, prefix: str, kind: str) -> dict:
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+            "object": kind,
             "created": int(time.time()),
             "model": self.server.model_name,
         }
-        echo = request["prompt"] if request["echo"] else ""
+
+    def _answer(
+        self,
+        request: dict,
+        ids: list[int],
+        stop: int | None,
+        head: dict,
+        choice,
+        opening: list[dict],
+        echo: str = "",
+    ) -> None:
+        """Generate through the scheduler; answer in one JSON or as a stream.
+
+        ``choice(text, finish_reason)`` is one streamed choice; ``opening`` the
+        choices sent before the first piece (the echo, the chat role).
+        """
+        pieces = stream_text(
+            self.server.engine,
+            self.server.tokenizer,
+            Request(
+                ids,
+                request["max_new_tokens"],
+                request["temperature"],
+                request["top_k"],
+                request["top_p"],
+                request["seed"],
+                stop_ids=() if stop is None else (stop,),
+            ),
+            request["stop"],
+        )
         with closing(pieces), self._queued():
             if request["stream"]:
-                self._stream(pieces, head, echo, request["include_usage"])
+                if head["object"] == "chat.completion":
+                    head = {**head, "object": "chat.completion.chunk"}
+                self._stream(pieces, head, choice, opening, request["include_usage"])
                 return
-            with self.server.lock:
-                result = finish(pieces)
-        choice = {
-            "text": echo + result.text,
-            "index": 0,
-            "logprobs": None,
-            "finish_reason": result.finish_reason,
-        }
-        self._send_json(200, {**head, "choices": [choice], "usage": usage(result)})
+            result = finish(pieces)
+        if head["object"] == "chat.completion":
+            message = {"role": "assistant", "content": result.text}
+            answer = {"index": 0, "message": message, "logprobs": None}
+        else:
+            answer = {"text": echo + result.text, "index": 0, "logprobs": None}
+        answer["finish_reason"] = result.finish_reason
+        self._send_json(200, {**head, "choices": [answer], "usage": usage(result)})
 
     @contextmanager
     def _queued(self) -> Iterator[None]:
@@ -227,35 +318,28 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self,
         pieces: Generator[str, None, Completion],
         head: dict,
-        echo: str,
+        choice,
+        opening: list[dict],
         include_usage: bool,
     ) -> None:
-        def chunk(text: str, finish_reason: str | None = None) -> dict:
-            choice = {
-                "text": text,
-                "index": 0,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-            return {**head, "choices": [choice]}
-
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        with self.server.lock, closing(pieces):  # a client that leaves ends it
+        with closing(pieces):  # a client that leaves ends it (and frees its slot)
             try:
-                if echo:
-                    self._send_event(chunk(echo))
+                for first in opening:
+                    self._send_event({**head, "choices": [first]})
                 while True:
                     try:
-                        self._send_event(chunk(next(pieces)))
+                        piece = choice(next(pieces))
                     except StopIteration as end:
                         result: Completion = end.value
                         break
+                    self._send_event({**head, "choices": [piece]})
             except (ConnectionError, TimeoutError):
-                raise  # the client is gone: closing `pieces` stops generating
+                raise  # the client is gone: closing `pieces` cancels the request
             except Exception as err:  # the status line is sent: report in the stream
                 traceback.print_exc()
                 error = APIError(
@@ -264,7 +348,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 self._send_event(error.body())
                 self._send_chunk(b"")
                 return
-        self._send_event(chunk("", result.finish_reason))
+        self._send_event({**head, "choices": [choice("", result.finish_reason)]})
         if include_usage:
             self._send_event({**head, "choices": [], "usage": usage(result)})
         self._send_event("[DONE]")
@@ -308,7 +392,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
 
 class CompletionServer(ThreadingHTTPServer):
-    """The HTTP server with the model it serves and the lock that guards it."""
+    """The HTTP server with the model it serves and the scheduler that runs it."""
 
     daemon_threads = True  # an open connection never keeps the process alive
     # connections the kernel holds until they are accepted; socketserver's 5 made a
@@ -323,16 +407,21 @@ class CompletionServer(ThreadingHTTPServer):
         model_name: str,
         verbose: bool = False,
         max_waiting: int = MAX_WAITING,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         check_port(address[1])
         super().__init__(address, CompletionHandler)
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.verbose = verbose
-        self.lock = threading.Lock()  # one generation at a time (see the docstring)
-        # one place for the generating completion, max_waiting for those queued
+        # max_batch places in the batch, max_waiting for requests waiting for one
         self.max_waiting = max_waiting
-        self.places = threading.Semaphore(max_waiting + 1)
+        self.places = threading.Semaphore(max_batch + max_waiting)
         self.created = int(time.time())
+        self.engine = SchedulerThread(model, max_batch)  # the one thread that decodes
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.engine.close()
 
 
 def make_server(
@@ -343,11 +432,15 @@ def make_server(
     port: int = 8000,
     verbose: bool = False,
     max_waiting: int = MAX_WAITING,
+    max_batch: int = MAX_BATCH,
 ) -> CompletionServer:
     """A server bound to ``host:port`` (0: any free port, see ``server_address``).
 
     Call ``serve_forever()`` (in a thread, for tests), then ``shutdown()`` and
-    ``server_close()``. ``max_waiting`` completions may queue behind the one being
-    generated; more are refused with 503.
+    ``server_close()`` (which also stops the scheduler's thread). ``max_batch``
+    requests generate together; ``max_waiting`` more may wait for a place in the
+    batch; more are refused with 503.
     """
-    return CompletionServer((host, port), model, tokenizer, name, verbose, max_waiting)
+    return CompletionServer(
+        (host, port), model, tokenizer, name, verbose, max_waiting, max_batch
+    )

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from shared.chat import encode_chat, stop_id
 from shared.data import REPO_ROOT
 from shared.generate import main
 from shared.generation import (
@@ -294,6 +295,17 @@ def test_server_completion_equals_complete(course, server):
     )
 
 
+def test_server_crops_long_prompts_and_generates_past_the_window(course, server):
+    model, tokenizer = course
+    context = model.config.context_length
+    long = "ROMEO:\nO, she doth teach the torches to burn bright!\n" * 30
+    for prompt, n in ((long, 5), ("ROMEO:", context + 8)):
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0}
+        answer = json.loads(request(f"{server}/v1/completions", body)[2])
+        assert answer["choices"][0]["text"] == complete(model, tokenizer, prompt, n, 0)
+        assert answer["usage"]["completion_tokens"] == n
+
+
 def test_server_streams_server_sent_events(course, server):
     model, tokenizer = course
     body = {"prompt": "ROMEO:", "max_tokens": 30, "seed": 2, "stop": "\n\n"}
@@ -372,7 +384,21 @@ BAD = [  # (method, path, body, status, words of the message)
     ("GET", "/v1/completions", None, 405, "takes POST"),
     ("POST", "/health", {}, 405, "takes GET"),
     ("DELETE", "/v1/models", None, 405, "takes GET"),
-    ("POST", "/v1/chat/completions", {"prompt": "a"}, 404, "unknown path"),
+    ("POST", "/v1/chat/completions", {"prompt": "a"}, 400, "unknown field 'prompt'"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]},
+     400, "has no chat format"),  # the base model: no chat tokens
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "bot", "content": "a"}]},
+     400, "roles are"),
+    ("GET", "/v1/chat", None, 404, "unknown path"),
+    ("POST", "/v1/chat/completions", {}, 400, "messages must be a non-empty list"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400,
+     "is not a dict with 'role' and 'content'"),
+    ("POST", "/v1/chat/completions", {"messages": [], "max_completion_tokens": 0},
+     400, "messages must be"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+     "max_completion_tokens": 0}, 400, "max_completion_tokens must be 1 to"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+     "logprobs": True}, 400, "logprobs=true is not supported"),
     ("GET", "/", None, 404, "unknown path"),
 ]  # fmt: skip
 
@@ -405,7 +431,7 @@ def test_server_refuses_a_large_body_unread(server):
         conn.close()
 
 
-def test_server_serialises_concurrent_requests(course, server):
+def test_server_batches_concurrent_requests_in_one_thread(course, server):
     model, tokenizer = course
     inside, most, calls, count_lock = 0, 0, 0, threading.Lock()
     forward = model.forward
@@ -447,6 +473,8 @@ def test_server_serialises_concurrent_requests(course, server):
     finally:
         del model.forward
     assert calls >= len(prompts) and most == 1, f"{most} forward passes at once"
+    # continuous batching: the requests shared passes (alone: 20 passes each)
+    assert calls < len(prompts) * 20, calls
     for prompt in prompts:
         assert results[prompt] == complete(model, tokenizer, prompt, 20, temperature=0)
 
@@ -538,3 +566,186 @@ def test_server_and_command_line_refuse_with_one_check(field, flag, value, capsy
         main(["--model", "base", flag, str(value)])
     assert exit_.value.code == 2
     assert str(direct.value) in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ chat completions
+
+QUESTION = "How many words are there?\nmy kingdom for a horse"  # the README's
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    model, tokenizer, _ = load_course_model("cpu", name="sft")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_model):
+    httpd = make_server(*chat_model, "sft", "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield "http://{}:{}".format(*httpd.server_address[:2])
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def solo_answer(model, tokenizer, messages: list[dict], n: int, **kw) -> list[int]:
+    """The answer's ids from ``generate`` alone, up to and with ``<|end|>``."""
+    ids = encode_chat(tokenizer, messages, add_generation_prompt=True)[0]
+    end = stop_id(tokenizer)
+    out = generate(model, torch.tensor([ids]), n, eos_id=end, **kw)[0, len(ids) :]
+    out = out.tolist()
+    return out[: out.index(end) + 1] if end in out else out
+
+
+def test_chat_completion_answers_as_generate(chat_model, chat_server):
+    model, tokenizer = chat_model
+    messages = [{"role": "user", "content": QUESTION}]
+    body = {"model": "sft", "messages": messages, "temperature": 0}
+    status, _, text = request(f"{chat_server}/v1/chat/completions", body)
+    assert status == 200, text
+    answer = json.loads(text)
+    assert answer["object"] == "chat.completion" and answer["model"] == "sft"
+    assert answer["id"].startswith("chatcmpl-") and isinstance(answer["created"], int)
+    (choice,) = answer["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "stop"
+    assert choice["message"] == {"role": "assistant", "content": "five"}
+    ids = solo_answer(model, tokenizer, messages, 16, temperature=0)
+    assert tokenizer.decode(ids[:-1]) == "five"
+    prompt = len(encode_chat(tokenizer, messages, add_generation_prompt=True)[0])
+    assert answer["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": len(ids),  # <|end|> included, as <|endoftext|> is
+        "total_tokens": prompt + len(ids),
+    }
+    # OpenAI's content as a list of text parts
+    parts = [{"type": "text", "text": t} for t in QUESTION.partition("\n")]
+    body["messages"] = [{"role": "user", "content": parts}]
+    answer = json.loads(request(f"{chat_server}/v1/chat/completions", body)[2])
+    assert answer["choices"][0]["message"]["content"] == "five"
+    # a budget too short to end the turn: "length"
+    answer = json.loads(request(f"{chat_server}/v1/chat/completions",
+                                {**body, "max_tokens": 1})[2])  # fmt: skip
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_stream_deltas_join_to_the_answer(chat_model, chat_server):
+    model, tokenizer = chat_model
+    messages = [
+        {"role": "system", "content": "You are a player in Shakespeare's company."},
+        {"role": "user", "content": "Write a line in the style of Shakespeare."},
+    ]
+    for extra in ({"temperature": 0}, {"seed": 7, "top_p": 0.9}):
+        body = {"messages": messages, "max_tokens": 40, **extra}
+        whole = json.loads(request(f"{chat_server}/v1/chat/completions", body)[2])
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        status, headers, text = request(f"{chat_server}/v1/chat/completions", body)
+        assert status == 200 and headers["Content-Type"] == "text/event-stream"
+        data = events(text)
+        assert data[-1] == "[DONE]"
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert chunks.pop()["usage"] == whole["usage"]
+        assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+        assert len({c["id"] for c in chunks}) == 1
+        first, *middle, last = [c["choices"][0] for c in chunks]
+        assert first["delta"] == {"role": "assistant", "content": ""}
+        assert last["delta"] == {} and last["finish_reason"] is not None
+        assert all(c["finish_reason"] is None and c["delta"]["content"] for c in middle)
+        content = "".join(c["delta"]["content"] for c in middle)
+        assert content == whole["choices"][0]["message"]["content"]
+        assert last["finish_reason"] == whole["choices"][0]["finish_reason"]
+        kw = extra | {"generator": torch.Generator().manual_seed(extra.get("seed", 0))}
+        kw.pop("seed", None)
+        ids = solo_answer(model, tokenizer, messages, 40, **kw)
+        assert content == tokenizer.decode([i for i in ids if i != stop_id(tokenizer)])
+
+
+def test_the_openai_client_talks_to_the_server(chat_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{chat_server}/v1", api_key="none")
+    messages = [{"role": "user", "content": QUESTION}]
+    answer = client.chat.completions.create(
+        model="sft", messages=messages, temperature=0
+    )
+    assert answer.choices[0].message.content == "five"
+    assert answer.choices[0].finish_reason == "stop"
+    stream_ = client.chat.completions.create(
+        model="sft", messages=messages, temperature=0, stream=True
+    )
+    chunks = list(stream_)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "five"
+    assert [m.id for m in client.models.list().data] == ["sft"]
+    with pytest.raises(openai.BadRequestError, match="roles are"):
+        client.chat.completions.create(
+            model="sft", messages=[{"role": "bot", "content": "hi"}]
+        )
+    text = client.completions.create(
+        model="sft", prompt="ROMEO:", max_tokens=5, temperature=0
+    )
+    assert text.choices[0].finish_reason in ("stop", "length")
+
+
+def test_command_line_chat_wraps_the_prompt_as_a_user_turn(chat_model, capsys):
+    model, tokenizer = chat_model
+    argv = ["--model", "sft", "--chat", "--temperature", "0", "--device", "cpu"]
+    main([*argv, "--prompt", r"How many words are there?\nmy kingdom for a horse"])
+    assert capsys.readouterr().out == "five\n"  # the answer only, cut at <|end|>
+    question = "Write a line in the style of Shakespeare."
+    main([*argv, "--prompt", question, "--max-new-tokens", "30", "--stream"])
+    ids = solo_answer(model, tokenizer, [{"role": "user", "content": question}], 30,
+                      temperature=0)  # fmt: skip
+    answer = tokenizer.decode([i for i in ids if i != stop_id(tokenizer)])
+    assert capsys.readouterr().out == answer + "\n"
+    with pytest.raises(SystemExit):
+        main(["--chat", "--prompt", "Hi"])  # the base model: no chat tokens
+    assert "--chat needs a chat model" in capsys.readouterr().err
+
+
+def readme_block(language: str, contains: str) -> str:
+    """The README's first ``language`` code block that contains ``contains``."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    for block in readme.split("```" + language + "\n")[1:]:
+        code = block.split("```")[0]
+        if contains in code:
+            return code
+    raise AssertionError(f"README has no {language} block with {contains!r}")
+
+
+def test_the_readme_chat_examples_run(chat_server, capsys):
+    code = readme_block("python", "OpenAI(")
+    pytest.importorskip("openai")
+    assert 'base_url="http://localhost:8000/v1"' in code
+    exec(code.replace("http://localhost:8000", chat_server), {})
+    assert capsys.readouterr().out == "five\nfive"  # the answer, then streamed
+    curl = readme_block("bash", "/v1/chat/completions")
+    line = next(c for c in curl.split("curl ") if "/v1/chat/completions" in c)
+    body = json.loads(line.split("-d '")[1].split("'")[0])
+    answer = json.loads(request(f"{chat_server}/v1/chat/completions", body)[2])
+    assert answer["choices"][0]["message"]["content"] == "five"
+
+
+def test_concurrent_chats_answer_as_alone(chat_model, chat_server):
+    model, tokenizer = chat_model
+    questions = [QUESTION, "Who is Romeo?", "Say something.", "Name a king."]
+    results, start = {}, threading.Barrier(len(questions))
+
+    def ask(q: str) -> None:
+        body = {"messages": [{"role": "user", "content": q}], "max_tokens": 30}
+        start.wait(timeout=10)
+        text = request(f"{chat_server}/v1/chat/completions", body | {"seed": 3})[2]
+        results[q] = json.loads(text)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for q in questions:
+        messages = [{"role": "user", "content": q}]
+        g = torch.Generator().manual_seed(3)
+        ids = solo_answer(model, tokenizer, messages, 30, generator=g)
+        assert results[q] == tokenizer.decode(
+            [i for i in ids if i != stop_id(tokenizer)]
+        )
