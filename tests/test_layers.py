@@ -52,7 +52,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("post-training", ("lora", "sft", "dpo", "chat", "grpo")),
     ("generation", ("generation", "quantize")),
     ("evaluation", ("evaluation",)),
-    ("course models", ("recipes", "pretrained", "model_spec", "llama_export", "hf_export")),
+    (
+        "course models",
+        ("recipes", "pretrained", "model_spec", "llama_export", "hf_export", "gguf"),
+    ),
     (
         "command lines and server",
         ("openai_api", "server", "generate", "serve", "evaluate", "export"),
