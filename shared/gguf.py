@@ -124,6 +124,7 @@ def write_gguf(
         )
         offset += len(data) + _pad(len(data))
     head = header + kv + b"".join(infos)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")  # a crash leaves no half file
     with open(partial, "wb") as f:
         f.write(head + bytes(_pad(len(head))))

@@ -55,6 +55,9 @@ COURSE_MODELS = {
     "lora": "shakespeare-lora",  # a LoRA adapter (PEFT format) on "base"
     "dpo": "shakespeare-dpo",  # "sft" after DPO on the preference pairs
 }
+# models that serve another rather than the reader, kept out of COURSE_MODELS (the
+# four that evaluation and export mean): chapter 09's draft for speculative decoding
+HELPER_MODELS = {"draft": "shakespeare-draft"}
 
 
 def load_course_model(
@@ -64,26 +67,30 @@ def load_course_model(
 ) -> tuple[GPT, object, dict]:
     """A shipped course model: ``(model in eval mode, tokenizer, info)``.
 
-    ``name`` is one of ``COURSE_MODELS`` ("base", "sft", "lora", "dpo"); ``path``
+    ``name`` is one of ``COURSE_MODELS`` ("base", "sft", "lora", "dpo") or "draft"
+    (chapter 09's draft model for speculative decoding of "base"); ``path``
     overrides the folder. ``info`` is its ``config.json`` (``course.json`` for the
     LoRA adapter): model and training config plus the measured results. The LoRA
     model comes back with its adapter unmerged (``shared.lora.merge_lora`` folds it).
     """
-    if name not in COURSE_MODELS:
-        raise ValueError(f"unknown course model {name!r}; one of {list(COURSE_MODELS)}")
-    path = Path(path) if path is not None else MODELS_DIR / COURSE_MODELS[name]
+    folders = COURSE_MODELS | HELPER_MODELS
+    if name not in folders:
+        raise ValueError(f"unknown course model {name!r}; one of {list(folders)}")
+    path = Path(path) if path is not None else MODELS_DIR / folders[name]
     if (path / "adapter_config.json").exists():
         return _load_adapter_model(path, device)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"no course model at {path}: run chapters/04_pretraining/"
-            "train_shakespeare.py (base) or chapters/07_finetuning_dpo/"
-            "train_finetuned.py (sft, lora, dpo) to train it"
+            "train_shakespeare.py (base), chapters/07_finetuning_dpo/"
+            "train_finetuned.py (sft, lora, dpo) or chapters/09_inference/"
+            "train_draft.py (draft) to train it"
         )
     remedy = (
         "restore the shipped files (`git checkout -- data/models`) or retrain the "
         "model (chapters/04_pretraining/train_shakespeare.py for the base, "
-        "chapters/07_finetuning_dpo/train_finetuned.py for the fine-tuned ones)"
+        "chapters/07_finetuning_dpo/train_finetuned.py for the fine-tuned ones, "
+        "chapters/09_inference/train_draft.py for the draft)"
     )
     config_file = path / "config.json"
     info = read_json_file(config_file, ("model_config", "tokenizer_file"), None, remedy)

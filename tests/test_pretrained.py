@@ -181,3 +181,17 @@ def test_save_course_model_round_trip_records_its_weights(tmp_path):
     weights = again.state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
+
+
+def test_the_draft_model_speaks_the_base_models_tokens():
+    # chapter 09's draft for speculative decoding: same tokenizer and window, smaller
+    draft, tok, info = load_course_model("cpu", name="draft")
+    base, base_tok, _ = load_course_model("cpu")
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?"
+    assert tok.encode(text) == base_tok.encode(text)
+    assert draft.config.vocab_size == base.config.vocab_size == tok.vocab_size
+    assert draft.config.context_length == base.config.context_length
+    assert draft.num_parameters() < base.num_parameters() / 2
+    target = sha256sum(LAPTOP_MODEL_DIR / "model.safetensors")
+    assert info["target_weights_sha256"] == target  # trained on these weights
+    assert "draft" not in COURSE_MODELS  # evaluation and export mean the other four
