@@ -36,14 +36,15 @@ def check_in_range(values: torch.Tensor, high: int, what: str, hint: str = "") -
     catches up (a compiled graph, too, keeps the check inside instead of breaking
     there). On the CPU there is nothing to wait for, and the error can say more.
     """
-    ok = ((values >= 0) & (values < high)).all()
     if values.device.type != "cpu" or torch.compiler.is_compiling():
+        ok = ((values >= 0) & (values < high)).all()
         torch._assert_async(ok, f"{what} must be in [0, {high}){hint}")
-    elif values.numel() and not bool(ok):
-        raise ValueError(
-            f"{what} must be in [0, {high}); got min {int(values.min())}, "
-            f"max {int(values.max())}{hint}"
-        )
+    elif values.numel():  # one reduction (aminmax): 3 us a call instead of 7
+        low, top = (int(m) for m in torch.aminmax(values))
+        if low < 0 or top >= high:
+            raise ValueError(
+                f"{what} must be in [0, {high}); got min {low}, max {top}{hint}"
+            )
 
 
 def check_positions(positions: int | torch.Tensor, context_length: int) -> None:
@@ -84,19 +85,21 @@ def causal_attention(
             "return_weights needs impl='explicit' (the fused kernel hides them)"
         )
     t_q, t_k = q.size(-2), k.size(-2)
-    # queries are the last t_q positions: bottom-right aligned causality (KV caches)
-    allowed = ~causal_mask(t_q, t_k, q.device)
-    if attn_mask is not None:
-        if attn_mask.dtype != torch.bool:
-            raise TypeError(f"attn_mask must be boolean, got {attn_mask.dtype}")
-        allowed = allowed & attn_mask
-    if impl == "fused":
-        if attn_mask is None and t_q == t_k:  # the kernel's own causal path
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        raise TypeError(f"attn_mask must be boolean, got {attn_mask.dtype}")
+    # no mask to build in the common cases (a decode step: 5 us a layer saved)
+    if impl == "fused" and attn_mask is None:
+        if t_q == t_k:  # the kernel's own causal path
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout_p, is_causal=True
             )
-        if attn_mask is None and t_q == 1:  # one new token sees every cached key
+        if t_q == 1:  # one new token sees every cached key
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    # queries are the last t_q positions: bottom-right aligned causality (KV caches)
+    allowed = ~causal_mask(t_q, t_k, q.device)
+    if attn_mask is not None:
+        allowed = allowed & attn_mask
+    if impl == "fused":
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=dropout_p
         )
@@ -154,6 +157,94 @@ def apply_rope(
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
+
+
+# ------------------------------------------------------------ decode-step weights
+
+DECODE_ROWS = 2  # a decode step of one or two sequences multiplies that many rows
+
+
+def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; in a CPU decode step, the same product through ``decode_weight``.
+
+    A decode step multiplies one row per sequence by every weight matrix: a
+    matrix-vector product that reads each weight once and does 2 FLOPs with it, so
+    its speed is the speed of reading the weights. ``nn.Linear`` stores a weight
+    (out, in) and the kernel computes ``out`` dot products of length ``in``; GPT-2's
+    Conv1D (Hugging Face's layout) stores it (in, out) and the kernel adds up ``in``
+    scaled rows of length ``out``. Same numbers, other order in memory; on this CPU
+    (MKL, fp32, one thread; ``chapters/09_inference/profile_decode.py``) one row
+    times GPT-2 small's 12 c_attn weights takes 6.6 ms (out, in) and 5.0 ms (in,
+    out), attn.c_proj 2.3 and 2.0, c_fc 8.9 and 6.0, the lm_head 11.7 and 6.6, but
+    mlp.c_proj, whose rows are long (3072 -> 768), 6.2 and 7.9. With two rows the
+    (in, out) copy wins too (24 c_fc: 33 and 18 ms); from four rows on MKL's matrix
+    kernel takes over and (out, in) is faster (25 and 31). So a no-gradient call of
+    at most ``DECODE_ROWS`` rows through an fp32 CPU ``nn.Linear`` with ``in <= out``
+    uses an (in, out) copy of its weight: a whole decode step of GPT-2 small went
+    from 43 to 34 ms of CPU time (transformers: 42). Training, prefill, other
+    devices, wrapped layers (LoRA, int8) and layers with forward hooks (head
+    ablation, ``shared.evaluation.heads``) run ``layer(x)`` as before.
+    """
+    if (
+        type(layer) is not nn.Linear  # LoRA, int8 ... layers run their own forward
+        or torch.is_grad_enabled()  # gradients must reach the parameter itself
+        or x.numel() > DECODE_ROWS * x.size(-1)
+        or layer._forward_pre_hooks  # hooks (e.g. head ablation) run in layer(x)
+        or layer._forward_hooks
+        or torch.compiler.is_compiling()
+    ):
+        return layer(x)
+    w_t = decode_weight(layer)
+    # F.linear computes x @ weight.t(): handed w_t.t(), it multiplies by w_t itself
+    return layer(x) if w_t is None else F.linear(x, w_t.t(), layer.bias)
+
+
+def decode_weight(layer: nn.Linear) -> torch.Tensor | None:
+    """The layer's weight transposed to (in, out), contiguous, or None where no copy
+    pays or is allowed: ``in > out``, not fp32 on the CPU, ``set_decode_copies``
+    off, or weights made in ``torch.inference_mode`` (no version counter).
+
+    Made on first use and kept on the layer (not a parameter or buffer: state dicts
+    do not see it), made again when the weight changes: a new tensor (``.to()``,
+    ``load_state_dict(assign=True)``) or an in-place write, which bumps the tensor's
+    version counter (optimizer steps, ``load_state_dict``, ``torch.no_grad()`` ops).
+    A write through ``.data`` bypasses the counter: call ``set_decode_copies(model)``
+    after one. Memory: one more copy of each such weight, 381 MB for GPT-2 124M in
+    fp32 (+77%): 226 MB for the blocks, 154 MB for the output layer.
+    """
+    w = layer.weight
+    if w.is_inference():
+        return None
+    key = (w.data_ptr(), w._version)
+    cached = layer.__dict__.get("_decode_copy")
+    if cached is None or cached[0] != key:  # first use, or the weight changed
+        wanted = (
+            layer.__dict__.get("decode_copy", True)  # set_decode_copies
+            and layer.in_features <= layer.out_features  # short rows
+            and w.device.type == "cpu"  # where it was measured
+            and w.dtype == torch.float32
+            # a tensor subclass (torchao's quantized weights) computes its own way
+            and not hasattr(w, "__tensor_flatten__")
+        )
+        w_t = w.detach().t().contiguous() if wanted else None
+        cached = layer._decode_copy = (key, w_t)
+    return cached[1]
+
+
+def set_decode_copies(model: nn.Module, enabled: bool = True) -> None:
+    """Allow decode steps to keep (in, out) weight copies (the default) or forbid
+    them; either way the copies held now are dropped, so after a write through
+    ``.data`` this makes the next decode step copy the new weights."""
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            layer.decode_copy = enabled
+            layer.__dict__.pop("_decode_copy", None)
+
+
+def decode_copy_bytes(model: nn.Module) -> int:
+    """Bytes the decode-step weight copies of ``model`` hold now."""
+    copies = (vars(m).get("_decode_copy", (0, None))[1] for m in model.modules())
+    return sum(c.nbytes for c in copies if c is not None)
 
 
 # ---------------------------------------------------------------------------- module
@@ -238,7 +329,9 @@ class MultiHeadAttention(nn.Module):
         if self.rope and position_ids is not None:  # they index the rotation tables
             check_positions(position_ids, self.context_length)
         kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split([self.n_embd, kv_dim, kv_dim], dim=2)
+        q, k, v = apply_linear(self.c_attn, x).split(
+            [self.n_embd, kv_dim, kv_dim], dim=2
+        )
         # (B, T, C) -> (B, heads, T, head_dim): each head attends independently
         q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
         k, v = (
@@ -262,7 +355,7 @@ class MultiHeadAttention(nn.Module):
         out, weights = result if return_weights else (result, None)
         # concatenate the heads (n_embd: this rank's share under tensor parallelism)
         out = out.transpose(1, 2).contiguous().view(b, t, self.n_embd)
-        out = self.resid_dropout(self.c_proj(out))
+        out = self.resid_dropout(apply_linear(self.c_proj, out))
         return (out, weights) if return_weights else out
 
 

@@ -4,6 +4,11 @@ Reads top to bottom like nanoGPT's ``model.py``: ``GPTConfig`` -> norms -> feed-
 -> ``Block`` -> ``GPT``. Parameter names follow GPT-2's (``transformer.h.0.attn.c_attn``
 ...), so Hugging Face's GPT-2 state dict loads with only a few transposes
 (``shared.gpt2_weights``).
+
+Every Linear layer runs through ``shared.attention.apply_linear``: ``layer(x)``,
+except in a CPU decode step (one or two rows, no gradients), which reads an
+(in, out) copy of the weight: GPT-2's own Conv1D layout, which the CPU's
+matrix-vector kernel reads faster (chapter 9; the parameters keep their layout).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from shared.attention import (
     IMPLS,
     MultiHeadAttention,
+    apply_linear,
     check_in_range,
     check_positions,
     expand_attention_mask,
@@ -149,7 +155,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.gelu(apply_linear(self.c_fc, x))
+        return self.dropout(apply_linear(self.c_proj, h))
 
 
 def swiglu_hidden(n_embd: int) -> int:
@@ -169,8 +176,8 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.c_fc(x).chunk(2, dim=-1)
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        gate, up = apply_linear(self.c_fc, x).chunk(2, dim=-1)
+        return self.dropout(apply_linear(self.c_proj, F.silu(gate) * up))
 
 
 class Block(nn.Module):
@@ -361,7 +368,7 @@ class GPT(nn.Module):
             # chapter 5: the loss without the (B*T, V) logits; none are returned
             w = self.lm_head.weight
             return None, chunked_cross_entropy(x, w, targets, self.loss_chunk)
-        logits = self.lm_head(x)
+        logits = apply_linear(self.lm_head, x)  # decode: attention.decode_weight
         if targets is None:
             return logits
         loss = F.cross_entropy(

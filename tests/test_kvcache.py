@@ -5,7 +5,13 @@ and past the context window."""
 import pytest
 import torch
 
-from shared.attention import position_ids_from_mask
+from shared.attention import (
+    DECODE_ROWS,
+    apply_linear,
+    decode_copy_bytes,
+    position_ids_from_mask,
+    set_decode_copies,
+)
 from shared.generation import KVCache, generate, iter_tokens
 from shared.model import GPT, GPTConfig
 
@@ -110,3 +116,133 @@ def test_learned_positions_stop_at_the_window():
     cache = KVCache(model.config.n_layer, 48)  # room, but no position embedding
     with torch.no_grad(), pytest.raises(ValueError, match="position ids"):
         model(torch.zeros(1, 25, dtype=torch.long), kv_cache=cache)
+
+
+# ---------------------------------------------------- decode steps' weight copies
+
+
+def decode_logits(model: GPT, idx: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of a prefill and then one-token decode steps through a KVCache."""
+    cache = KVCache(model.config.n_layer, idx.size(1))
+    with torch.no_grad():
+        parts = [model(idx[:, :prefill], kv_cache=cache)]
+        for t in range(prefill, idx.size(1)):
+            parts.append(model(idx[:, t : t + 1], kv_cache=cache))
+    return torch.cat(parts, 1)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def copied(layer: torch.nn.Module) -> bool:
+    return vars(layer).get("_decode_copy", (0, None))[1] is not None
+
+
+def test_decode_steps_use_transposed_copies_of_the_short_row_weights():
+    model = make("learned")
+    idx = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+    close(decode_logits(model, idx, 5), full)
+    block = model.transformer.h[0]
+    # in <= out: read as (in, out) copies; mlp.c_proj (128 -> 32) stays (out, in)
+    assert copied(block.attn.c_attn) and copied(block.attn.c_proj)
+    assert copied(block.mlp.c_fc) and copied(model.lm_head)
+    assert not copied(block.mlp.c_proj)
+    w_t = vars(block.mlp.c_fc)["_decode_copy"][1]
+    assert w_t.shape == (32, 128) and w_t.is_contiguous()
+    assert torch.equal(w_t, block.mlp.c_fc.weight.t())
+    held = decode_copy_bytes(model)
+    linears = [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc]
+    per_block = sum(m.weight.nbytes for m in linears)
+    assert held == 2 * per_block + model.lm_head.weight.nbytes
+
+
+def test_apply_linear_equals_the_layer_and_only_copies_small_no_grad_calls():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 48)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 1, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(apply_linear(layer, x), layer(x))
+        assert copied(layer) == (rows <= DECODE_ROWS)
+        set_decode_copies(layer)  # drops the copy
+    x = torch.randn(1, 16)
+    apply_linear(layer, x).sum().backward()  # gradients on: the parameter itself
+    assert layer.weight.grad is not None and not copied(layer)
+    narrowing = torch.nn.Linear(48, 16)  # long rows: (out, in) is the faster one
+    with torch.no_grad():
+        apply_linear(narrowing, torch.randn(1, 48))
+    assert not copied(narrowing)
+
+
+def test_decode_copies_follow_weight_updates_and_can_be_turned_off():
+    model = make("rope", norm="rmsnorm", ffn="swiglu")
+    idx = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
+    decode_logits(model, idx, 6)  # makes the copies
+    # one SGD step changes every weight in place: the copies must be remade
+    model.train()
+    loss = model(idx, targets=idx)[1]
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.eval()
+    with torch.no_grad():
+        full = model(idx)
+    close(decode_logits(model, idx, 6), full)
+    # so must load_state_dict (copy_ into the same tensors)
+    other = make("rope", norm="rmsnorm", ffn="swiglu")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+        model.load_state_dict(other.state_dict())
+        full = other(idx)
+    close(decode_logits(model, idx, 6), full)
+    # a write through .data is invisible to the version counter: reset by hand
+    for p in model.parameters():
+        p.data.mul_(0.5)
+    set_decode_copies(model)
+    with torch.no_grad():
+        full = model(idx)
+    close(decode_logits(model, idx, 6), full)
+    set_decode_copies(model, False)
+    assert decode_copy_bytes(model) == 0
+    close(decode_logits(model, idx, 6), full)
+    assert decode_copy_bytes(model) == 0  # off stays off
+    set_decode_copies(model, True)  # back on: made at the next decode step
+    decode_logits(model, idx, 6)
+    assert decode_copy_bytes(model) > 0
+
+
+def test_a_model_built_in_inference_mode_decodes_without_copies():
+    with torch.inference_mode():  # its weights have no version counter
+        model = make("learned")
+    out = generate(model, torch.tensor([[1, 2]]), 4, temperature=0)
+    assert out.shape == (1, 6) and not any(copied(m) for m in model.modules())
+
+
+def test_forward_hooks_on_a_linear_layer_run_in_decode_steps_too():
+    # head ablation (shared.evaluation.heads) is a pre-hook on attn.c_proj
+    model = make("learned")
+    c_proj = model.transformer.h[1].attn.c_proj
+    seen = []
+    handle = c_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    ids = generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0)
+    handle.remove()
+    assert [x.size(1) for x in seen] == [3, 1, 1, 1, 1]  # prefill, then 4 steps
+    assert not copied(c_proj)
+    assert torch.equal(generate(model, torch.tensor([[1, 2, 3]]), 5, 0), ids)
+    assert copied(c_proj)  # no hook: the copy again
+
+
+def test_torchao_quantized_weights_get_no_copy():
+    # torchao keeps nn.Linear but makes its weight an Int8Tensor (a tensor subclass
+    # that reports float32): it computes its own way, and a transpose copy would not
+    pytest.importorskip("torchao")
+    from shared.quantize import torchao_int8
+
+    quantized = torchao_int8(make("learned"))
+    idx = torch.tensor([[1, 2, 3]])
+    cached = generate(quantized, idx, 6, temperature=0)
+    assert decode_copy_bytes(quantized) == 0
+    assert torch.equal(cached, generate(quantized, idx, 6, 0, use_cache=False))
