@@ -88,7 +88,8 @@ def attention_heatmap(
     annot: bool = False,
     hide_masked: bool = True,
     cbar_label: str = "attention weight",
-    max_width: float = 7.5,
+    max_width: float = 6.2,
+    max_height: float = 6.6,
 ) -> plt.Figure:
     """Draw one or several heads' attention matrices side by side with one colour bar.
 
@@ -96,8 +97,9 @@ def attention_heatmap(
     rows are queries (the token that attends), columns are keys (the token attended to).
     Entries that are exactly zero above the diagonal (causal mask) are left blank
     when ``hide_masked`` is true, so the triangle of allowed positions stands out.
-    The figure is at most ``max_width`` inches wide, so it prints at a readable scale;
-    tick labels are thinned to what fits.
+    The figure is at most ``max_width`` x ``max_height`` inches, the book's text block,
+    so it prints at full size and its 8-pt labels stay 8 pt on paper; tick labels are
+    thinned to what fits.
     """
     arr = _to_numpy(weights)
     n_heads, t_q, t_k = arr.shape
@@ -119,6 +121,7 @@ def attention_heatmap(
         cell_size = min(0.42, 4.2 / max(t_q, t_k, 1))
     side = max(2.6, cell_size * max(t_q, t_k) + 1.0)
     side = min(side, (max_width - 0.9) / ncols)  # panel side in inches, capped
+    side = min(side, (max_height - (0.9 if suptitle else 0.5)) / nrows)
     # label only every k-th token so labels (about 9 pt apart) stay legible
     fits = max(2, int((side - 0.6) * 72 / 9))
     step = max(1, math.ceil(max(t_q, t_k) / fits))
