@@ -7,6 +7,7 @@ whole book from the committed chapter notebooks when xelatex and pandoc are inst
 from __future__ import annotations
 
 import base64
+import copy
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from tools import book
+from tools.book import fonts
 
 FAKE_PDF = b"%PDF-1.4 fake figure"
 FAKE_PNG = b"\x89PNG fake figure"
@@ -292,6 +294,8 @@ def test_template_renders_a_book_without_tex(prepared):
     assert "\\tableofcontents" in tex and "\\setcounter{chapter}{1}" in tex
     assert "\\begin{figure}[htbp]" in tex and "\\BookSolution" in tex
     assert "\\usepackage{flafter}" in tex  # figures never float above their text
+    assert "\\usepackage[section]{placeins}" in tex  # ... nor out of their section
+    assert "BOOK-GEOMETRY" in tex and "BOOK-LASTPAGE" in tex  # read by the build
     assert (
         "NBVAL" not in tex and "secret\\_setup" not in tex and "secret_setup" not in tex
     )
@@ -350,9 +354,355 @@ def test_book_builds_from_committed_notebooks(tmp_path):
         assert re.search(rf"\b{chapter.number}\s+{words}", toc), (
             f"chapter {chapter.number} {chapter.title!r} is not in the contents"
         )
+    # pages per chapter: consecutive ranges that end on the book's last page
+    ranges = [result.chapter_pages[c.number] for c in result.chapters]
+    assert all(first <= last for first, last in ranges)
+    assert all(b[0] == a[1] + 1 for a, b in zip(ranges, ranges[1:], strict=False))
+    assert ranges[0][0] == 1 and ranges[-1][1] < result.pages
+    assert result.fonts is not None and result.fonts.figures
+    assert "figure fonts: smallest text" in result.summary()
     if text:
         # every captioned figure is numbered "Figure N.M" under its chapter's number
         captions = re.findall(r"Figure (\d+)\.\d+:", text)
         assert len(captions) == result.figures
         assert {int(n) for n in captions} <= {c.number for c in result.chapters}
         assert "NBVAL_" not in text
+        # figures stay in their section: none floats past its chapter's References
+        for chapter in result.chapters:
+            heading = re.search(
+                rf"^\s*{chapter.number}\.\d+\s+References\s*$", text, re.M
+            )
+            if heading is None:
+                continue
+            late = [
+                m.group(0)
+                for m in re.finditer(rf"Figure {chapter.number}\.\d+:", text)
+                if m.start() > heading.start()
+            ]
+            assert not late, f"{late} printed after {chapter.number}'s References"
+
+
+# ---------------------------------------------------------------------- inline code
+
+
+def test_inline_code_breaks_after_path_separators_never_inside_names():
+    texttt = re.compile(r"\\texttt\{((?:[^{}\\]|\\[_&%#$])+)\}")
+
+    def breaks(latex: str) -> list[str]:
+        code = texttt.sub(book.prepare._breakable_code, latex)
+        return re.sub(r"^\\texttt\{|\}$", "", code).split("\\allowbreak{}")
+
+    # names never break: not at "_", "(", ",", "=", nor inside a number
+    for name in (
+        r"\texttt{seed\_everything()}",
+        r"\texttt{BOOK\_DATA\_MIRROR}",
+        r"\texttt{load\_model(path, weights\_only=True)}",
+        r"\texttt{x = 1.5 + 2.25 ...}",
+    ):
+        assert breaks(name) == [texttt.match(name).group(1)], name
+    # long dotted and slashed paths break after their "." and "/" only
+    assert breaks(r"\texttt{shared.plotting.use\_book\_style}") == [
+        "shared.",
+        "plotting.",
+        r"use\_book\_style",
+    ]
+    assert breaks(r"\texttt{chapters/04\_pretraining/04\_pretraining.ipynb}") == [
+        "chapters/",
+        r"04\_pretraining/",
+        r"04\_pretraining.",
+        "ipynb",
+    ]
+    assert breaks(r"\texttt{torch.load(path, weights\_only=True)}") == [
+        "torch.",
+        r"load(path, weights\_only=True)",
+    ]
+
+
+# ---------------------------------------------------------------------- figure fonts
+
+
+def figure_pdf(width_in: float, height_in: float, draw) -> bytes:
+    """A matplotlib figure of exactly ``width_in`` x ``height_in`` inches, as PDF."""
+    import io
+
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context({"pdf.fonttype": 42}):
+        fig = Figure(figsize=(width_in, height_in))
+        ax = fig.add_subplot()
+        draw(fig, ax)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="pdf")
+    return buf.getvalue()
+
+
+def ticks_at(size: float):
+    def draw(fig, ax):
+        ax.plot([0, 1], [0, 1])
+        ax.tick_params(labelsize=size)
+        ax.set_xlabel("step", fontsize=size)
+        ax.set_title("loss", fontsize=size)
+
+    return draw
+
+
+def measured(pdf: bytes):
+    """(smallest size at print, all sizes at print) of a figure PDF in the book."""
+    text = fonts.figure_text(pdf)
+    scale = fonts.print_scale(text.width, text.height)
+    sizes = {round(run.size * scale, 2) for run in text.runs}
+    return min(sizes), sizes, scale
+
+
+def test_page_geometry_is_read_from_the_template():
+    page = fonts.book_page()
+    mm = 72 / 25.4
+    assert page.linewidth == pytest.approx(160 * mm)  # A4, 25 mm margins
+    assert page.textheight == pytest.approx(247 * mm)
+    assert page.max_figure_height == pytest.approx(0.7 * 247 * mm)
+    # the lengths XeLaTeX reported in a build of the book: no warning
+    log = "BOOK-GEOMETRY textwidth=455.24411pt textheight=702.78308pt\n"
+    assert fonts.check_page_against_log(log) is None
+    assert "fix book_page" in fonts.check_page_against_log(
+        log.replace("455.24411", "400.0")
+    )
+
+
+def test_font_sizes_are_measured_at_print_size():
+    # a full-width figure prints at scale 1: 5-pt text measures 5 pt and fails
+    small = figure_pdf(6.0, 3.0, lambda fig, ax: fig.text(0.5, 0.5, "tiny", size=5))
+    smallest, _, scale = measured(small)
+    assert scale == 1.0 and smallest == pytest.approx(5.0, abs=0.05)
+    assert smallest < fonts.MIN_PT
+    # 9-pt labels, ticks and title pass
+    smallest, sizes, _ = measured(figure_pdf(6.0, 3.0, ticks_at(9)))
+    assert smallest == pytest.approx(9.0, abs=0.05) and max(sizes) < 9.05
+    # twice as wide as the text: the book halves it, 10-pt text prints at 5 pt
+    wide = fonts.book_page().linewidth / 72 * 2
+    smallest, _, scale = measured(figure_pdf(wide, 3.0, ticks_at(10)))
+    assert scale == pytest.approx(0.5)
+    assert smallest == pytest.approx(5.0, abs=0.05)
+    # a figure taller than FIGURE_MAX_HEIGHT is scaled by its height
+    tall = fonts.book_page().max_figure_height / 72 * 2
+    assert measured(figure_pdf(3.0, tall, ticks_at(10)))[2] == pytest.approx(0.5)
+
+
+def test_rotated_and_math_text_is_measured_at_its_font_size():
+    def rotated(fig, ax):
+        ax.plot([0, 1], [0, 1])
+        ax.tick_params(axis="x", labelsize=8, labelrotation=90)
+        ax.tick_params(axis="y", labelsize=8, labelrotation=45)
+        ax.set_ylabel("a long vertical label", fontsize=8)  # rotated 90 degrees
+
+    text = fonts.figure_text(figure_pdf(6.0, 3.0, rotated))
+    assert {round(run.size, 2) for run in text.runs} == {8.0}
+    assert any(run.text == "a long vertical label" for run in text.runs)
+
+    def math(fig, ax):
+        ax.set_axis_off()
+        fig.text(0.2, 0.5, r"$x^{2}$", size=10)
+
+    sizes = sorted(r.size for r in fonts.figure_text(figure_pdf(6.0, 3.0, math)).runs)
+    assert sizes[-1] == pytest.approx(10.0, abs=0.05)  # x
+    assert sizes[0] < 8.0  # the superscript is smaller, and counts
+
+
+def image_cell(pdf: bytes, caption: str | None = None, tags=()):
+    data = {
+        "application/pdf": base64.b64encode(pdf).decode(),
+        "image/png": base64.b64encode(FAKE_PNG).decode(),
+    }
+    metadata = {"tags": list(tags)}
+    if caption:
+        metadata["caption"] = caption
+    return new_code_cell(
+        "plot()", metadata=metadata, outputs=[new_output("display_data", data=data)]
+    )
+
+
+def test_notebook_check_numbers_figures_as_the_book_and_skips_removed(tmp_path):
+    small = figure_pdf(6.0, 3.0, lambda fig, ax: fig.text(0.5, 0.5, "tiny", size=5))
+    fine = figure_pdf(6.0, 3.0, ticks_at(9))
+    cells = [
+        new_markdown_cell("# Attention"),
+        image_cell(fine, "A first figure."),
+        image_cell(small, "Not printed.", tags=["remove-output"]),
+        image_cell(small, "Not printed either.", tags=["remove-cell"]),
+        image_cell(small),  # printed, without a number
+        image_cell(small, "The second figure."),
+    ]
+    path = tmp_path / "03_gpt" / "03_gpt.ipynb"
+    path.parent.mkdir()
+    nbformat.write(new_notebook(cells=cells), path)
+    found = fonts.notebook_figures(path)
+    assert [(f.label, f.cell_index) for f in found] == [
+        ("Figure 3.1", 1),
+        ("unnumbered image", 4),
+        ("Figure 3.2", 5),
+    ]
+    report = fonts.check_notebooks([path])
+    assert [f.label for f in report.failing] == ["unnumbered image", "Figure 3.2"]
+    assert "FAIL  Figure 3.2" in report.text() and "'tiny'" in report.text()
+    assert fonts.main([str(path)]) == 1
+    # the same numbering as the book's
+    chapter = book.Chapter(number=3, path=path)
+    book.prepare_notebook(
+        nbformat.read(path, as_version=4), chapter, tmp_path / "f", fake_md2latex
+    )
+    assert chapter.figures == 2
+
+
+@pytest.fixture(scope="module")
+def committed_chapters():
+    """(chapter, notebook) of every committed chapter notebook."""
+    chapters = book.find_chapters(book.DEFAULT_CHAPTERS)
+    assert chapters, "no chapter notebooks committed under chapters/"
+    return [(c, nbformat.read(c.path, as_version=4)) for c in chapters]
+
+
+def test_every_printed_figure_text_is_at_least_7pt(committed_chapters):
+    figures = [
+        fig
+        for chapter, nb in committed_chapters
+        for fig in fonts.notebook_figures(chapter.path, chapter.number, nb=nb)
+    ]
+    report = fonts.FontReport(figures=figures)
+    assert report.figures, "no figures measured"
+    failing = report.failing
+    if failing:
+        pytest.fail(
+            f"{len(failing)} of {len(figures)} printed images have text below "
+            f"{fonts.MIN_PT:g} pt at print size (python -m tools.book.fonts):\n"
+            + "\n".join(fig.line() for fig in failing)
+            + "\n"
+            + "\n".join(report.summary()),
+            pytrace=False,
+        )
+
+
+# ---------------------------------------------------------------------- references
+
+_FIGURE_REF = re.compile(
+    r"\b(?:Figures?|Figs?\.)(?:\s|~|&nbsp;)+"
+    r"(\d+\.\d+(?:\s*(?:,|and|&|to|–|—|--|-)\s*(?:(?:Figure|Fig\.)\s+)?\d+\.\d+)*)"
+)
+
+
+def figure_references(markdown: str) -> list[tuple[int, int]]:
+    """(chapter, k) of every figure a text names: "Figure 4.3", "Figures 4.3 and
+    4.4", "Figures 4.3–4.5" (a range names each figure in it)."""
+    found = []
+    for match in _FIGURE_REF.finditer(markdown):
+        group = match.group(1)
+        numbers = [(int(c), int(k)) for c, k in re.findall(r"(\d+)\.(\d+)", group)]
+        seps = re.split(r"\d+\.\d+", group)[1:-1]
+        found.append(numbers[0])
+        for sep, prev, this in zip(seps, numbers[:-1], numbers[1:], strict=True):
+            if re.search(r"–|—|-|\bto\b", sep) and prev[0] == this[0]:
+                found += [(this[0], k) for k in range(prev[1] + 1, this[1])]
+            found.append(this)
+    return found
+
+
+def test_figure_references_are_parsed():
+    text = (
+        "Figure 4.3 shows it; Figures 4.5 and 4.6 agree, Figures 2.1–2.3 too, "
+        "as do Figures 1.1, 1.2 and 1.4 and Figures 7.2 to 7.3. See [Figure 0.1]."
+    )
+    assert figure_references(text) == [
+        (4, 3),
+        (4, 5),
+        (4, 6),
+        (2, 1),
+        (2, 2),
+        (2, 3),
+        (1, 1),
+        (1, 2),
+        (1, 4),
+        (7, 2),
+        (7, 3),
+        (0, 1),
+    ]
+    assert figure_references("in Table 4.3 and section 4.3") == []
+
+
+def chapter_figure_refs(chapter, nb):
+    """(figure number -> its cell index, figure -> indices of markdown cells naming
+    it, references to figures that do not exist) for one printed chapter."""
+    figure_cells: dict[int, int] = {}
+    for image in book.prepare.printed_images(nb):
+        if image.figure is not None:
+            figure_cells.setdefault(image.figure, image.cell_index)
+    printed = copy.deepcopy(nb)
+    for i, cell in enumerate(printed.cells):
+        cell.metadata["book_index"] = i
+    refs: dict[int, list[int]] = {}
+    for cell in book.prepare.remove_tagged(printed).cells:
+        if cell.cell_type != "markdown":
+            continue
+        for c, k in figure_references(cell.source):
+            if c == chapter.number:
+                refs.setdefault(k, []).append(cell.metadata["book_index"])
+    return figure_cells, refs
+
+
+def test_figure_references_name_existing_figures(committed_chapters):
+    counts = {
+        chapter.number: len(chapter_figure_refs(chapter, nb)[0])
+        for chapter, nb in committed_chapters
+    }
+    dangling = []
+    for chapter, nb in committed_chapters:
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "markdown":
+                continue
+            for c, k in figure_references(cell.source):
+                if c in counts and not 1 <= k <= counts[c]:
+                    dangling.append(
+                        f"{chapter.path.name} cell #{i}: Figure {c}.{k} "
+                        f"(chapter {c} has {counts[c]} figures)"
+                    )
+    assert not dangling, "references to figures that do not exist:\n" + "\n".join(
+        dangling
+    )
+
+
+MIN_REFERENCED = 0.9  # share of the book's figures its text names by number
+MAX_REF_DISTANCE = 3  # cells between a figure and its first reference
+
+
+def test_figures_are_referenced_near_where_they_appear(committed_chapters):
+    per_chapter, far, total, referenced = [], [], 0, 0
+    for chapter, nb in committed_chapters:
+        figure_cells, refs = chapter_figure_refs(chapter, nb)
+        named = [k for k in figure_cells if k in refs]
+        total += len(figure_cells)
+        referenced += len(named)
+        missing = [f"{chapter.number}.{k}" for k in figure_cells if k not in refs]
+        per_chapter.append(
+            f"  chapter {chapter.number}: {len(named)} of {len(figure_cells)} "
+            f"referenced" + (f"; never named: {', '.join(missing)}" if missing else "")
+        )
+        for k in named:
+            first, cell = min(refs[k]), figure_cells[k]
+            if abs(first - cell) > MAX_REF_DISTANCE:
+                far.append(
+                    f"  Figure {chapter.number}.{k} (cell #{cell}, "
+                    f"{chapter.path.name}): first named in cell #{first}, "
+                    f"{abs(first - cell)} cells away"
+                )
+    share = referenced / total if total else 1.0
+    problems = []
+    if share < MIN_REFERENCED:
+        problems.append(
+            f"{referenced} of {total} figures ({share:.0%}) are named in the text; "
+            f"at least {MIN_REFERENCED:.0%} wanted"
+        )
+    if far:
+        problems.append(
+            f"{len(far)} figure(s) sit more than {MAX_REF_DISTANCE} cells from their "
+            "first reference:\n" + "\n".join(far)
+        )
+    if problems:
+        pytest.fail("\n".join([*problems, "per chapter:", *per_chapter]), pytrace=False)

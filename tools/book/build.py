@@ -9,7 +9,9 @@
 4. render one ``.tex`` with the nbconvert template in ``tools/book/templates/book`` and
    run ``xelatex`` twice (for the table of contents), failing loudly on any LaTeX error
    (``latex``);
-5. report pages, chapters, figures and any characters the fonts could not print.
+5. report pages (per chapter), figures, figure text below 7 pt at print size
+   (``fonts``, a report: it does not fail the build) and any characters the fonts
+   could not print.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nbformat
 from nbformat import NotebookNode
@@ -32,6 +35,7 @@ from nbformat import NotebookNode
 from shared.data import REPO_ROOT
 
 from .latex import (
+    chapter_pages,
     check_tools,
     missing_glyphs,
     overfull_lines,
@@ -50,6 +54,9 @@ from .prepare import (
     read_notebook,
 )
 
+if TYPE_CHECKING:  # tools.book.fonts is imported when used: `python -m` runs it too
+    from .fonts import FontReport
+
 DEFAULT_OUT_DIR = REPO_ROOT / "build" / "book"
 BOOK_NAME = "llm-from-scratch"
 
@@ -67,6 +74,9 @@ class BookResult:
     missing_glyphs: dict[str, set[str]]  # "␣ (U+2423)" -> fonts
     seconds: float
     overfull: list[str] = field(default_factory=list)  # lines that run into the margin
+    chapter_pages: dict[int, tuple[int, int]] = field(default_factory=dict)
+    fonts: FontReport | None = None  # figure text at print size (tools.book.fonts)
+    font_notes: list[str] = field(default_factory=list)  # why it was not measured
 
     def summary(self) -> str:
         """A short human-readable report of the build."""
@@ -75,10 +85,14 @@ class BookResult:
             f"  pages:    {self.pages if self.pages is not None else '?'}",
             f"  chapters: {len(self.chapters)}",
         ]
-        lines += [f"    {c.number:>2}  {c.title}" for c in self.chapters]
+        for c in self.chapters:
+            pages = self.chapter_pages.get(c.number)
+            where = f"pp. {pages[0]}-{pages[1]} ({pages[1] - pages[0] + 1} pages)  "
+            lines.append(f"    {c.number:>2}  {where if pages else ''}{c.title}")
         lines.append(
             f"  figures:  {self.figures} with captions, {self.images} other images"
         )
+        lines += self._font_summary()
         lines.append(f"  build:    {self.seconds:.1f} s (LaTeX source: {self.tex})")
         for c in self.chapters:
             lines += [f"  warning: {c.path.name}: {w}" for w in c.warnings]
@@ -93,6 +107,34 @@ class BookResult:
         else:
             lines.append("  missing glyphs: none")
         return "\n".join(lines)
+
+    def _font_summary(self) -> list[str]:
+        from .fonts import format_pt
+
+        lines = [f"  figure fonts: {note}" for note in self.font_notes]
+        report = self.fonts
+        if report is None:
+            return lines
+        small = report.smallest
+        if small is not None:
+            lines.append(
+                f"  figure fonts: smallest text {format_pt(small.smallest_pt)} pt at "
+                f"print ({small.label}, {small.notebook.name}); "
+                f"wanted >= {report.min_pt:g} pt"
+            )
+        failing = report.failing
+        if failing:
+            lines.append(
+                f"  warning: {len(failing)} figure(s) print text below "
+                f"{report.min_pt:g} pt (python -m tools.book.fonts for details):"
+            )
+            lines += [f"    {fig.line(report.min_pt).strip()}" for fig in failing]
+        if report.unmeasured:
+            lines.append(
+                f"  figure fonts: {len(report.unmeasured)} image(s) without a PDF "
+                "output, not measured"
+            )
+        return lines
 
 
 # --------------------------------------------------------------------------- executing
@@ -204,7 +246,7 @@ def build_book(
     figures_dir = out_dir / "figures"
     shutil.rmtree(figures_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepared = []
+    prepared, sources = [], []
     with tempfile.TemporaryDirectory(prefix="book-exec-") as tmp:
         if execute:
             _link_repo_siblings(chapters_root, Path(tmp))
@@ -220,12 +262,14 @@ def build_book(
             else:
                 nb = read_notebook(chapter.path)
             prepared.append(prepare_notebook(nb, chapter, figures_dir))
+            sources.append((chapter, nb))
 
     tex_path = out_dir / f"{name}.tex"
     tex_path.write_text(render_tex(prepared, chapters, _build_info()))
     log(f"running xelatex on {tex_path} ...")
     latex_log = run_xelatex(tex_path)
     pdf = tex_path.with_suffix(".pdf")
+    fonts, font_notes = _check_fonts(sources, latex_log)
     return BookResult(
         pdf=pdf,
         tex=tex_path,
@@ -235,8 +279,33 @@ def build_book(
         images=sum(c.images for c in chapters),
         missing_glyphs=missing_glyphs(latex_log),
         overfull=overfull_lines(latex_log, tex_path),
+        chapter_pages=chapter_pages(tex_path, latex_log),
+        fonts=fonts,
+        font_notes=font_notes,
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_fonts(
+    sources: Sequence[tuple[Chapter, NotebookNode]], latex_log: str
+) -> tuple[FontReport | None, list[str]]:
+    """The figure font check over the notebooks the book printed (never fails it)."""
+    from .fonts import FontReport, check_page_against_log, notebook_figures
+
+    notes = []
+    mismatch = check_page_against_log(latex_log)
+    if mismatch:
+        notes.append(f"WARNING: {mismatch}")
+    try:
+        import pdfminer  # noqa: F401  (pdfminer.six, in requirements.txt)
+    except ImportError:
+        return None, [*notes, "not checked: pdfminer.six is not installed"]
+    figures = [
+        fig
+        for chapter, nb in sources
+        for fig in notebook_figures(chapter.path, chapter.number, nb=nb)
+    ]
+    return FontReport(figures=figures), notes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

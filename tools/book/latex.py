@@ -207,6 +207,34 @@ def pdf_pages(pdf: Path, latex_log: str = "") -> int | None:
     return int(match.group(1)) if match else None
 
 
+def chapter_pages(tex_path: Path, latex_log: str) -> dict[int, tuple[int, int]]:
+    """First and last page (as numbered in the book) of each chapter.
+
+    Chapter starts come from the table of contents (``.toc``), the last page from the
+    ``BOOK-LASTPAGE=`` line the template writes to the log; chapters start on a new
+    page, so a chapter ends on the page before the next one starts.
+    """
+    toc = Path(tex_path).with_suffix(".toc")
+    if not toc.exists():
+        return {}
+    starts = [
+        (int(number), int(page))
+        for number, page in re.findall(
+            r"^\\contentsline \{chapter\}\{\\numberline \{(-?\d+)\}.*"
+            r"\{(\d+)\}\{[^{}]*\}%?$",
+            toc.read_text(errors="replace"),
+            re.MULTILINE,
+        )
+    ]
+    last = re.search(r"^BOOK-LASTPAGE=(\d+)", latex_log, re.MULTILINE)
+    if not starts or not last:
+        return {}
+    ends = [page - 1 for _, page in starts[1:]] + [int(last.group(1))]
+    return {
+        number: (page, end) for (number, page), end in zip(starts, ends, strict=True)
+    }
+
+
 def check_tools() -> None:
     """Fail with install instructions when pandoc or xelatex is missing."""
     missing = [tool for tool in ("xelatex", "pandoc") if shutil.which(tool) is None]

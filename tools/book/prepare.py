@@ -233,6 +233,61 @@ def figure_latex(
     )
 
 
+@dataclass
+class PrintedImage:
+    """An image output the book prints (``printed_images``)."""
+
+    cell_index: int  # position in the notebook, counting every cell from 0
+    cell_id: str
+    output_index: int
+    mime: str  # what the book includes: the PDF when there is one
+    data: bytes
+    figure: int | None  # k of "Figure C.k" for a captioned cell, else None
+
+
+def printed_images(nb: NotebookNode) -> list[PrintedImage]:
+    """Every image output the book prints, in order, numbered as the book numbers them.
+
+    The same rules as ``prepare_notebook``: tagged cells and outputs are removed,
+    widgets dropped, the PDF preferred; the k-th captioned code cell with an image
+    is figure k of its chapter (all of that cell's images belong to it).
+    """
+    nb = copy.deepcopy(nb)
+    for i, cell in enumerate(nb.cells):
+        cell.metadata["book_index"] = i
+    found, figure = [], 0
+    for cell in remove_tagged(nb).cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = [_clean_output(o) for o in cell.get("outputs", [])]
+        images = []
+        for k, out in enumerate(o for o in outputs if o is not None):
+            mime = _image_choice(out.get("data", {}))
+            if mime is not None:
+                payload = out.data[mime]
+                if isinstance(payload, list):
+                    payload = "".join(payload)
+                images.append((k, mime, base64.b64decode(payload)))
+        if not images:
+            continue
+        number = None
+        if cell.metadata.get("caption"):
+            figure += 1
+            number = figure
+        for k, mime, data in images:
+            found.append(
+                PrintedImage(
+                    cell_index=cell.metadata["book_index"],
+                    cell_id=str(cell.get("id", "")),
+                    output_index=k,
+                    mime=mime,
+                    data=data,
+                    figure=number,
+                )
+            )
+    return found
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -379,12 +434,18 @@ def _run_pandoc(markdown: str) -> str:
     )
 
 
+# where a long inline code span may break besides its spaces: after the "." of a
+# dotted path (``shared.plotting.use_book_style``) or the "/" of a file path, never
+# inside a name (``seed_everything``, ``BOOK_DATA_MIRROR``), a number or a call
+_CODE_BREAK = re.compile(r"(?<=[\w)\]])(\.(?=[A-Za-z_\\])|/(?=[\w\\]))")
+
+
 def _breakable_code(match: re.Match) -> str:
-    """Inline code may break after ``.``, ``_``, ``/`` and ``(``: long names fit."""
+    """Inline code may break at its spaces and after the ``.``/``/`` of long paths."""
     code = match.group(1)
     if len(code) < 16:
         return match.group(0)
-    code = re.sub(r"(\\_|[./(,=])", r"\1\\allowbreak{}", code)
+    code = _CODE_BREAK.sub(r"\1\\allowbreak{}", code)
     return f"\\texttt{{{code}}}"
 
 
