@@ -1,16 +1,21 @@
 """``python -m shared.evaluate``: every chapter-8 metric for course models, one
-table (the metrics themselves are ``shared.evaluation``)."""
+table (the metrics themselves are ``shared.evaluation``).
+
+The table goes to stdout; progress goes to stderr: the work up front, a line per
+stage of each model, and after the first model an estimate of the time left."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 from shared.evaluation import (
     MC_TASKS,
-    evaluate_model,
+    evaluate_models,
     held_out_text,
     load_mc_items,
     report_table,
@@ -42,20 +47,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         models = [(m.name, load_model(m)) for m in find_models(args.model)]
     except Exception as err:  # an unknown name, a damaged model folder
         parser.error(" ".join(str(err).split()))
-    kwargs: dict = {}
+    kwargs: dict = dict(
+        text=held_out_text(),
+        items={t: load_mc_items(t) for t in MC_TASKS},
+        examples=load_examples("test"),
+        n_samples=16,
+        max_new_tokens=100,
+    )
     if args.quick:
         kwargs = dict(
-            text=held_out_text()[:20_000],
-            items={t: load_mc_items(t)[:40] for t in MC_TASKS},
-            examples=load_examples("test")[::25],
+            text=kwargs["text"][:20_000],
+            items={t: items[:40] for t, items in kwargs["items"].items()},
+            examples=kwargs["examples"][::25],
             n_samples=4,
             max_new_tokens=40,
         )
-    reports = {}
-    for name, (model, tokenizer, _) in models:
-        reports[name] = evaluate_model(model, tokenizer, **kwargs)
-        print(f"{name}: {reports[name]['seconds']:.0f} s", flush=True)
-    print(report_table(reports, text=True))
+    say = functools.partial(print, file=sys.stderr, flush=True)  # stdout: the table
+    named = [(name, model, tokenizer) for name, (model, tokenizer, _) in models]
+    reports = evaluate_models(named, say, **kwargs)
+    print(report_table(reports, text=True), flush=True)
     if out:
         out.write_text(json.dumps(reports, indent=1))
     return reports

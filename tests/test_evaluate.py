@@ -324,7 +324,7 @@ def test_contamination_finder_finds_planted_overlaps():
 # ---------------------------------------------------------------------- report
 
 
-def test_report_command_line(tmp_path):
+def test_report_command_line(tmp_path, capsys):
     out = tmp_path / "report.json"
     reports = evaluate_main(["--quick", "--model", "base", "--json", str(out)])
     report = reports["base"]
@@ -338,6 +338,42 @@ def test_report_command_line(tmp_path):
     assert (
         "held-out bits/char" in table and table.count("\n") == len(ev.REPORT_ROWS) + 1
     )
+    # stdout holds the table and nothing else; progress went to stderr, a line per
+    # stage, after a line that says what will be done
+    printed = capsys.readouterr()
+    assert printed.out == ev.report_table(reports, text=True) + "\n"
+    lines = printed.err.splitlines()
+    assert lines[0].startswith("evaluating 1 model (base) on 20,000 held-out char")
+    assert "next_line (40 items), speaker (40 items), 20 instructions" in lines[0]
+    stages = ["held-out text", "next_line", "speaker", "instructions", "samples"]
+    for stage in stages:
+        assert any(line.startswith(f"[1/1] base: {stage} ") for line in lines), stage
+    assert lines[-1].startswith("[1/1] base: done in ")
+
+
+def test_report_command_line_estimates_the_time_left(monkeypatch, capsys):
+    import shared.evaluate as cli
+    from shared.evaluation import report
+
+    def fake_report(model, tokenizer, progress=None, **kwargs):
+        for stage in ("held-out text", "next_line", "speaker"):
+            progress(stage, 1.0)
+        return {"seconds": 3.0, "bits_per_char": 2.0}
+
+    monkeypatch.setattr(report, "evaluate_model", fake_report)
+    cli.main(["--model", "base", "sft", "lora"])
+    printed = capsys.readouterr()
+    lines = printed.err.splitlines()
+    assert lines[0].startswith("evaluating 3 models (base, sft, lora) on 111,540")
+    first_done = lines.index(next(x for x in lines if x.startswith("[1/3] base: done")))
+    # right after the first model, before the second starts: its time, times two
+    estimate = lines[first_done + 1]
+    assert estimate.startswith("about ") and estimate.endswith("left for 2 more models")
+    assert lines[first_done + 2] == "[2/3] sft: held-out text 1 s"
+    assert sum(line.startswith("about ") for line in lines) == 1
+    assert printed.out.startswith("metric") and "held-out bits/char" in printed.out
+    assert report.time_left(40, 3) == "about 2.0 min left for 3 more models"
+    assert report.time_left(40, 1) == "about 40 s left for 1 more model"
 
 
 def test_mcnemar_matches_scipy_binomial_test_and_ignores_concordant_items():

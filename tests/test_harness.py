@@ -20,7 +20,12 @@ from shared.evaluation import (
     score_mc,
     split_request,
 )
-from shared.evaluation.harness import compare, run_lm_eval, write_task
+from shared.evaluation.harness import (
+    compare,
+    run_lm_eval,
+    write_generation_task,
+    write_task,
+)
 from shared.hf_export import export_hf
 from shared.pretrained import load_course_model
 
@@ -228,3 +233,119 @@ def test_every_request_reads_endoftext_as_the_special_token(course, hf_dir, cour
         Instance("generate_until", {}, ("Farewell.\n<|endoftext|>KING:\n", gen), 0)
     ]
     assert course_lm.generate_until(prompt) == hf.generate_until(prompt)
+
+
+# ------------------------------------------------------------ generation tasks
+
+
+@pytest.fixture(scope="module")
+def sft_course():
+    model, tokenizer, _ = load_course_model("cpu", name="sft")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def instructions():
+    from shared.tasks import load_examples
+
+    return load_examples("test")[::25]  # 20 examples, every task
+
+
+@pytest.fixture(scope="module")
+def generation_dir(sft_course, instructions, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generation")
+    return write_generation_task(instructions, sft_course[1], folder, "instructions")
+
+
+def test_generation_task_is_chapter_07s_prompt_and_stop(
+    sft_course, course, instructions, generation_dir
+):
+    import yaml
+
+    from shared.chat import prompt_ids
+    from shared.evaluation import encode_text
+    from shared.evaluation.harness import instruction_prompt
+
+    _, tokenizer = sft_course
+    config = yaml.safe_load((generation_dir / "instructions.yaml").read_text())
+    assert config["output_type"] == "generate_until"
+    assert config["generation_kwargs"]["until"] == ["<|end|>"]
+    assert config["fewshot_delimiter"] == "<|end|>"
+    assert config["target_delimiter"] == ""
+    budget = max(len(tokenizer.encode(e.output)) for e in instructions) + 1 + 4
+    assert config["generation_kwargs"]["max_gen_toks"] == budget
+    rows = [
+        json.loads(line)
+        for line in (generation_dir / "instructions.jsonl").read_text().splitlines()
+    ]
+    assert [r["output"] for r in rows] == [e.output for e in instructions]
+    for row, e in zip(rows, instructions, strict=True):
+        # the harness reads text: its ids are the ids chapter 07 generates from
+        ids = encode_text(tokenizer, row["prompt"])
+        assert ids == prompt_ids(tokenizer, e.instruction, e.input)
+    # a tokenizer without the chat tokens gets the text template and <|endoftext|>
+    base_tokenizer = course[1]
+    assert instruction_prompt(base_tokenizer, instructions[0]).endswith(
+        "### Response:\n"
+    )
+    folder = write_generation_task(
+        instructions, base_tokenizer, generation_dir / "text", "plain"
+    )
+    plain = yaml.safe_load((folder / "plain.yaml").read_text())
+    assert plain["generation_kwargs"]["until"] == ["<|endoftext|>"]
+
+
+def test_generate_until_gives_chapter_07s_exact_match(
+    sft_course, instructions, generation_dir
+):
+    from shared.evaluation import task_accuracy
+    from shared.evaluation.harness import CourseLM, compare_answers
+
+    model, tokenizer = sft_course
+    acc, responses = task_accuracy(model, tokenizer, instructions)
+    run = run_lm_eval(CourseLM(model, tokenizer), generation_dir, ["instructions"])
+    result = run["instructions"]
+    diff = compare_answers(instructions, responses, result)
+    assert diff["items"] == len(instructions)
+    assert diff["response_differs"] == [] and diff["verdict_differs"] == []
+    assert (
+        result["exact_match"]
+        == pytest.approx(acc["all"])
+        == diff["harness_exact_match"]
+    )
+    assert 0 < acc["all"] < 1  # some right, some wrong: the comparison can fail
+    assert [it["response"] for it in result["items"]] == [r.strip() for r in responses]
+    # a verdict that differs is found: flip one wrong item to right
+    k = next(i for i, it in enumerate(result["items"]) if not it["exact_match"])
+    flipped = [dict(it, exact_match=i == k or it["exact_match"])
+               for i, it in enumerate(result["items"])]  # fmt: skip
+    changed = compare_answers(instructions, responses, dict(result, items=flipped))
+    assert changed["verdict_differs"] == [str(k)]
+
+
+def test_few_shot_prompts_are_solved_items_before_the_item(
+    sft_course, instructions, generation_dir, caplog
+):
+    from shared.evaluation.harness import CourseLM
+
+    lm = CourseLM(*sft_course)
+    zero = run_lm_eval(lm, generation_dir, ["instructions"], limit=5)["instructions"]
+    two = run_lm_eval(lm, generation_dir, ["instructions"], limit=5, num_fewshot=2)
+    # the shots were asked for: lm-eval's warning that they override the task's
+    # default is not passed on
+    assert "num_fewshot" not in caplog.text
+    solved = {
+        row["prompt"] + row["output"] + "<|end|>"
+        for row in map(
+            json.loads,
+            (generation_dir / "instructions.jsonl").read_text().splitlines(),
+        )
+    }
+    for z, t in zip(zero["items"], two["instructions"]["items"], strict=True):
+        own = z["prompt"]
+        assert t["prompt"].endswith(own) and t["prompt"] != own
+        shots = t["prompt"][: -len(own)].split("<|end|><|user|>")
+        shots = [shots[0]] + ["<|user|>" + s for s in shots[1:]]
+        shots = [s if s.endswith("<|end|>") else s + "<|end|>" for s in shots]
+        assert len(shots) == 2 and all(s in solved for s in shots)
+        assert not any(s.startswith(own) for s in shots)  # never the item itself

@@ -41,6 +41,7 @@ from shared.evaluation.multiple_choice import (
 from shared.evaluation.report import (
     REPORT_ROWS,
     evaluate_model,
+    evaluate_models,
     report_table,
     training_vocabulary,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "encode_text",
     "estimate_loss",
     "evaluate_model",
+    "evaluate_models",
     "evaluate_split",
     "expected_calibration_error",
     "generation_stats",

@@ -1,12 +1,15 @@
 """The course's evaluation tasks in EleutherAI's lm-evaluation-harness (``lm_eval``).
 
-- ``write_task``: a list of ``MCItem`` as an lm-eval task folder (JSON lines + YAML).
+- ``write_task``: a list of ``MCItem`` as an lm-eval task folder (JSON lines + YAML),
+  and ``write_generation_task``: chapter 07's instruction examples as a
+  ``generate_until`` task scored by exact match, in a tokenizer's own prompt format
+  (both from ``shared.evaluation.harness_tasks``).
 - ``run_lm_eval``: ``lm_eval.simple_evaluate`` on those tasks, offline, for an
-  exported Hugging Face folder (``shared.hf_export``) or any lm-eval ``LM``; per-item
-  log-likelihoods come back in the items' order.
+  exported Hugging Face folder (``shared.hf_export``) or any lm-eval ``LM``, zero- or
+  few-shot; per-item log-likelihoods or responses come back in the items' order.
 - ``CourseLM``: a course GPT as an lm-eval ``LM`` (no export needed).
-- ``compare``: the course's own scorer (``shared.evaluation.score_mc``) against
-  lm-eval, item by item.
+- ``compare`` and ``compare_answers``: the course's own scorers
+  (``shared.evaluation.score_mc``, ``task_accuracy``) against lm-eval, item by item.
 
 lm-eval is imported only when used, so importing this module is cheap.
 """
@@ -14,10 +17,8 @@ lm-eval is imported only when used, so importing this module is cheap.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import io
-import json
 import logging
 import math
 import os
@@ -30,51 +31,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.evaluation.multiple_choice import MCItem, MCResult
+from shared.evaluation.harness_tasks import (
+    instruction_prompt,
+    write_generation_task,
+    write_task,
+)
+from shared.evaluation.multiple_choice import MCResult
 from shared.evaluation.scoring import encode_text, loglikelihood
 from shared.generation import generate
 from shared.model import evaluating
+from shared.tasks import Example, check_answer
 
-# lm-eval's YAML for a course task: the context is the prompt as it stands and each
-# choice is appended to it as it stands (target_delimiter ""): contexts already end in
-# "\n", and lm-eval's default delimiter " " would change every continuation.
-# cache_dir keeps datasets' Arrow cache beside the task, not in the home folder.
-TASK_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-def write_task(items: Sequence[MCItem], folder: str | Path, name: str) -> Path:
-    """Write ``{folder}/{name}.jsonl`` and the task's ``{folder}/{name}.yaml``."""
-    folder = Path(folder).resolve()  # datasets reads data_files relative to the cwd
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [json.dumps(dataclasses.asdict(item), ensure_ascii=False) for item in items]
-    data = folder / f"{name}.jsonl"
-    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    # json.dumps quotes the paths: a JSON string is a valid YAML scalar
-    yaml = TASK_YAML.format(
-        name=name, data=json.dumps(str(data)), cache=json.dumps(str(folder / ".cache"))
-    )
-    (folder / f"{name}.yaml").write_text(yaml, encoding="utf-8")
-    return folder
+# re-exported: ``harness.write_task`` etc. (``CourseLM`` comes from ``__getattr__``)
+__all__ = [
+    "compare",
+    "compare_answers",
+    "instruction_prompt",
+    "run_lm_eval",
+    "write_generation_task",
+    "write_task",
+]
 
 
 @contextlib.contextmanager
@@ -98,6 +74,8 @@ def _quiet_and_isolated() -> Iterator[None]:
         transformers.logging.is_progress_bar_enabled(),
     )
     states = random.getstate(), np.random.get_state()
+    asked = _AskedFewshot()  # num_fewshot was our argument: no need to warn about it
+    logging.getLogger("lm_eval.evaluator").addFilter(asked)
     loggers[0].setLevel(logging.WARNING)
     for lg in loggers[1:]:
         lg.setLevel(logging.ERROR)
@@ -107,6 +85,7 @@ def _quiet_and_isolated() -> Iterator[None]:
         with torch.random.fork_rng():
             yield
     finally:
+        logging.getLogger("lm_eval.evaluator").removeFilter(asked)
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
         if bars[0]:
@@ -115,6 +94,13 @@ def _quiet_and_isolated() -> Iterator[None]:
             transformers.logging.enable_progress_bar()
         random.setstate(states[0])
         np.random.set_state(states[1])
+
+
+class _AskedFewshot(logging.Filter):
+    """Drops lm-eval's warning that ``num_fewshot`` overrides the task's default."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Overwriting default num_fewshot")
 
 
 @contextlib.contextmanager
@@ -137,8 +123,34 @@ def _no_progress_bars() -> Iterator[None]:
 _BAR = re.compile(r"\d+%\||\d+/\d+ \[")  # "40%|████" or "12/30 [00:01<00:02"
 
 
+def _number(value) -> float:
+    # "N/A": a standard error lm-eval cannot estimate (a single item)
+    return math.nan if value == "N/A" else float(value)
+
+
+def _generation_result(task: dict, samples: list[dict]) -> dict:
+    """Exact match and per-item responses of one ``generate_until`` task."""
+    items = [
+        {
+            "id": s["doc"]["id"],
+            "prompt": s["arguments"][0][0],  # as the model got it, shots included
+            "response": s["filtered_resps"][0],  # stripped
+            "target": s["target"],
+            "exact_match": bool(s["exact_match"]),
+        }
+        for s in sorted(samples, key=lambda s: s["doc_id"])
+    ]
+    return {
+        "exact_match": _number(task["exact_match,strip"]),
+        "exact_match_stderr": _number(task["exact_match_stderr,strip"]),
+        "items": items,
+    }
+
+
 def _task_result(task: dict, samples: list[dict]) -> dict:
     """Accuracies and per-item log-likelihoods of one task of lm-eval's results."""
+    if "exact_match,strip" in task:
+        return _generation_result(task, samples)
     items = []
     for s in sorted(samples, key=lambda s: s["doc_id"]):
         lls = [ll for ll, _ in s["filtered_resps"]]
@@ -156,9 +168,7 @@ def _task_result(task: dict, samples: list[dict]) -> dict:
         )
     out: dict = {}
     for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
-        value = task[f"{key},none"]  # "none": the name of lm-eval's default filter
-        # "N/A": a standard error lm-eval cannot estimate (a single item)
-        out[key] = math.nan if value == "N/A" else float(value)
+        out[key] = _number(task[f"{key},none"])  # "none": lm-eval's default filter
     return out | {"items": items}
 
 
@@ -170,15 +180,22 @@ def run_lm_eval(
     limit: int | None = None,
     device: str = "cpu",
     progress: bool = False,
+    num_fewshot: int | None = None,
+    fewshot_seed: int = 1234,
 ) -> dict:
-    """Run lm-eval offline on the tasks ``write_task`` put in ``folder``.
+    """Run lm-eval offline on the tasks ``write_task`` (or ``write_generation_task``)
+    put in ``folder``.
 
     ``model_args_or_lm`` is a Hugging Face folder (lm-eval's "hf" model, float32) or
     an ``lm_eval.api.model.LM`` such as ``CourseLM`` (``batch_size`` and ``device``
-    are then its own). Returns, per task, ``acc``, ``acc_norm``, their standard
-    errors and ``items``: per item its id, log-likelihood and greedy flag of every
-    choice, ``pred``, ``pred_norm`` and ``label``, in the file's order.
-    ``progress=False`` keeps lm-eval's progress bars out of the output.
+    are then its own). Returns, per multiple-choice task, ``acc``, ``acc_norm``,
+    their standard errors and ``items``: per item its id, log-likelihood and greedy
+    flag of every choice, ``pred``, ``pred_norm`` and ``label``, in the file's
+    order; per generation task ``exact_match``, its standard error and ``items``
+    (id, prompt, stripped response, target, exact_match).
+    ``num_fewshot`` solved examples precede each item: lm-eval draws them, seeded by
+    ``fewshot_seed``, from the task's other items (our tasks have only a test
+    split). ``progress=False`` keeps lm-eval's progress bars out of the output.
     """
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         # nothing here downloads; the hub libraries read these when first imported
@@ -205,6 +222,8 @@ def run_lm_eval(
             limit=limit,
             task_manager=manager,
             log_samples=True,
+            num_fewshot=num_fewshot,
+            fewshot_random_seed=fewshot_seed,
         )
     return {t: _task_result(out["results"][t], out["samples"][t]) for t in tasks}
 
@@ -278,14 +297,18 @@ def _course_lm_class() -> type:
             """Continue each context, cut at the first ``until`` string.
 
             Greedy unless ``do_sample`` is true (then ``temperature``, ``top_k``,
-            ``top_p``); one request at a time, always ``max_gen_toks`` tokens (or
-            up to ``<|endoftext|>``) before cutting: simple, not fast.
+            ``top_p``); one request at a time, ``max_gen_toks`` tokens or up to the
+            first ``until`` string that is one special token (``<|end|>``, else
+            ``<|endoftext|>``), then cut at the first ``until`` string: simple, not
+            fast.
             """
             out = []
             for context, kwargs in (r.args for r in requests):
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
                 until.append("<|endoftext|>")  # as lm-eval's HF model does
+                special = self.tokenizer.special_tokens
+                stop = next(special[u] for u in until if u in special)
                 how: dict = {"temperature": 0}  # greedy
                 if kwargs.get("do_sample"):  # lm-eval's HF model samples only then
                     how = {k: kwargs.get(k) for k in ("top_k", "top_p")}
@@ -294,7 +317,7 @@ def _course_lm_class() -> type:
                 ids = ids or [self.eot]  # an empty prompt starts a new text
                 idx = torch.tensor([ids], device=next(self.model.parameters()).device)
                 n_new = int(kwargs.get("max_gen_toks", 256))
-                new = generate(self.model, idx, n_new, eos_id=self.eot, **how)
+                new = generate(self.model, idx, n_new, eos_id=stop, **how)
                 text = self.tokenizer.decode(new[0, len(ids) :].tolist())
                 for stop in until:
                     text = text.split(stop)[0]
@@ -338,4 +361,36 @@ def compare(course: MCResult, harness_task_result: dict) -> dict:
         # both are means of 0/1 values over the same items: equal, or not at all
         "acc_matches": bool(acc == harness_task_result["acc"]),
         "acc_norm_matches": bool(acc_norm == harness_task_result["acc_norm"]),
+    }
+
+
+def compare_answers(
+    examples: Sequence[Example], responses: Sequence[str], harness_task_result: dict
+) -> dict:
+    """Chapter 07's exact match (``check_answer`` on ``task_accuracy``'s responses)
+    against a ``generate_until`` run of ``write_generation_task(examples, ...)``.
+
+    Returns both accuracies, how many items each scores right, and the ids of the
+    items where the stripped responses differ and where the verdicts differ.
+    """
+    theirs = harness_task_result["items"]
+    if [t["id"] for t in theirs] != [str(k) for k in range(len(theirs))]:
+        raise ValueError("compare_answers needs the run's items in the file's order")
+    if len(theirs) > len(examples):
+        raise ValueError(f"lm-eval scored {len(theirs)} items, we have {len(examples)}")
+    ours = [check_answer(e, r) for e, r in zip(examples, responses, strict=False)]
+    ours = ours[: len(theirs)]
+    text_differs = [
+        t["id"] for r, t in zip(responses, theirs, strict=False)
+        if r.strip() != t["response"]
+    ]  # fmt: skip
+    verdict_differs = [
+        t["id"] for o, t in zip(ours, theirs, strict=True) if o != t["exact_match"]
+    ]
+    return {
+        "items": len(theirs),
+        "course_exact_match": float(np.mean(ours)),
+        "harness_exact_match": float(np.mean([t["exact_match"] for t in theirs])),
+        "response_differs": text_differs,
+        "verdict_differs": verdict_differs,
     }

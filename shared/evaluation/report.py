@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -60,15 +61,25 @@ def evaluate_model(
     max_new_tokens: int = 100,
     prompt: str = "ROMEO:\n",
     seed: int = 0,
+    progress: Callable[[str, float], None] | None = None,
 ) -> dict:
     """Every metric of the chapter for one model, with 95% bootstrap intervals.
 
     Defaults: the held-out 10% of Tiny Shakespeare scored in windows of stride
     ``context_length // 2``, both multiple-choice tasks, the held-out instruction
     examples of chapter 07, and ``n_samples`` samples of ``max_new_tokens`` tokens at
-    temperature 1 from ``prompt``.
+    temperature 1 from ``prompt``. ``progress(stage, seconds)`` is called after each
+    stage ("held-out text", each task's name, "instructions", "samples").
     """
     start = time.perf_counter()
+    mark = [start]
+
+    def done(stage: str) -> None:
+        now = time.perf_counter()
+        if progress is not None:
+            progress(stage, now - mark[0])
+        mark[0] = now
+
     text = held_out_text() if text is None else text
     items = {t: load_mc_items(t) for t in MC_TASKS} if items is None else items
     examples = load_examples("test") if examples is None else examples
@@ -87,6 +98,7 @@ def evaluate_model(
         "ece": expected_calibration_error(scores.confidence, scores.correct),
         "top1": float(scores.correct.mean()),
     }
+    done("held-out text")
     for task, task_items in items.items():
         result = score_mc(model, tokenizer, task_items)
         for suffix, norm in (("acc", False), ("acc_norm", True)):
@@ -94,11 +106,13 @@ def evaluate_model(
             out[f"{task}_{suffix}"] = float(correct.mean())
             out[f"{task}_{suffix}_ci"] = list(bootstrap_ci(correct, seed=seed))
         out[f"{task}_chance"] = chance_accuracy(task_items)
+        done(task)
     if examples:
         _, responses = task_accuracy(model, tokenizer, examples)
         right = [check_answer(e, r) for e, r in zip(examples, responses, strict=True)]
         out["instruct_acc"] = float(np.mean(right))
         out["instruct_acc_ci"] = list(bootstrap_ci(right, seed=seed))
+        done("instructions")
     if n_samples:
         samples = sample_texts(
             model, tokenizer, prompt, n_samples, max_new_tokens, seed=seed
@@ -106,8 +120,60 @@ def evaluate_model(
         vocabulary = set(words(text)) | training_vocabulary()
         out.update(generation_stats(samples, vocabulary))
         out["samples"] = samples
+        done("samples")
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+def evaluate_models(
+    models: list[tuple[str, nn.Module, object]],
+    say: Callable[[str], None],
+    **kwargs,
+) -> dict[str, dict]:
+    """``evaluate_model`` for each ``(name, model, tokenizer)``, telling ``say`` what
+    it will do, a line as each stage of each model ends, and after the first model
+    an estimate of the time left. ``kwargs`` go to ``evaluate_model``."""
+    say(workload([name for name, _, _ in models], **kwargs))
+    reports: dict[str, dict] = {}
+    start = time.perf_counter()
+    for k, (name, model, tokenizer) in enumerate(models, 1):
+        where = f"[{k}/{len(models)}] {name}"
+
+        def stage_done(stage: str, seconds: float, where: str = where) -> None:
+            say(f"{where}: {stage} {seconds:.0f} s")
+
+        reports[name] = evaluate_model(model, tokenizer, **kwargs, progress=stage_done)
+        say(f"{where}: done in {reports[name]['seconds']:.0f} s")
+        if k == 1 and len(models) > 1:
+            say(time_left(time.perf_counter() - start, len(models) - 1))
+    return reports
+
+
+def workload(
+    names: list[str],
+    *,
+    text: str,
+    items: dict[str, list[MCItem]],
+    examples: list,
+    n_samples: int,
+    max_new_tokens: int,
+    **_,
+) -> str:
+    """What ``evaluate_models`` is about to do, in one line."""
+    tasks = ", ".join(f"{t} ({len(i)} items)" for t, i in items.items())
+    return (
+        f"evaluating {len(names)} model{'s' * (len(names) > 1)} ({', '.join(names)}) "
+        f"on {len(text):,} held-out characters, {tasks}, {len(examples)} "
+        f"instructions and {n_samples} samples of {max_new_tokens} tokens; the time "
+        "left is estimated after the first model"
+    )
+
+
+def time_left(first_seconds: float, models_left: int) -> str:
+    """The time left if every other model takes as long as the first."""
+    left = first_seconds * models_left
+    when = f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s"
+    return f"about {when} left for {models_left} more model{'s' * (models_left > 1)}"
 
 
 def training_vocabulary() -> set[str]:
