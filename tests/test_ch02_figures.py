@@ -1,6 +1,7 @@
 """Chapter 2's diagrams draw the tensors they are given: shapes, masks and numbers."""
 
-import sys
+import importlib.util
+import io
 from pathlib import Path
 
 import matplotlib
@@ -10,10 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent / "chapters" / "02_attention")
+# each chapter has its own diagrams.py: load this one under a name of its own
+_PATH = (
+    Path(__file__).resolve().parent.parent / "chapters" / "02_attention" / "diagrams.py"
 )
-import diagrams  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location("ch02_diagrams", _PATH)
+diagrams = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(diagrams)
+
+from tools.book.fonts import MIN_PT, figure_text, print_scale  # noqa: E402
 
 TOKENS = ["the", "cat", "sat", "on", "the", "mat"]
 
@@ -59,3 +65,30 @@ def test_head_split_writes_the_tensor_values():
     assert len(numbers) == 5 * 18  # five panels of the 18 values
     assert sorted(set(numbers), key=int) == [str(i) for i in range(18)]
     plt.close(fig)
+
+
+def smallest_printed_pt(fig) -> float:
+    """The smallest text of ``fig`` as the book prints it (saved as Jupyter does)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="pdf", bbox_inches="tight")
+    text = figure_text(buf.getvalue())
+    return min(r.size for r in text.runs) * print_scale(text.width, text.height)
+
+
+def test_diagrams_print_their_text_at_7_pt_or_more():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g)
+    q, k, v = (x @ torch.randn(4, 3, generator=g) for _ in range(3))
+    s = q @ k.T / 3**0.5
+    blocked = torch.ones(6, 6).triu(1).bool()
+    w = torch.softmax(s.masked_fill(blocked, -torch.inf), -1)
+    xs = torch.arange(18.0).view(3, 6)
+    heads = xs.view(3, 2, 3).transpose(0, 1)
+    figs = [
+        diagrams.qkv_flow(x, q, k, v, s, w, w @ v, TOKENS),
+        diagrams.causal_mask_grid(TOKENS, blocked),
+        diagrams.head_split(xs, xs.view(3, 2, 3), heads, heads, xs),
+    ]
+    for fig in figs:
+        assert smallest_printed_pt(fig) >= MIN_PT - 0.005
+        plt.close(fig)

@@ -77,10 +77,10 @@ def _arrow(ax, start, end, label=None, offset=(0, -0.4), rad=0.0):
         ax.text(*mid, label, ha="center", va="bottom", fontsize=9)
 
 
-def _label(ax, x, y, name, shape, fontsize=10):
+def _label(ax, x, y, name, shape, fontsize=10, shape_size=8):
     # the y axis points down: the name sits above the shape, both above the grid
     ax.text(x, y - 0.8, name, ha="center", va="bottom", fontsize=fontsize)
-    ax.text(x, y, shape, ha="center", va="bottom", fontsize=8, color="#444")
+    ax.text(x, y, shape, ha="center", va="bottom", fontsize=shape_size, color="#444")
 
 
 def qkv_flow(x, q, k, v, scores, weights, out, tokens: Sequence[str]) -> plt.Figure:
@@ -94,7 +94,8 @@ def qkv_flow(x, q, k, v, scores, weights, out, tokens: Sequence[str]) -> plt.Fig
     signed = colors.TwoSlopeNorm(0, -lim, lim)
     vlag = sns.color_palette("vlag", as_cmap=True)
     w_cmap = sns.color_palette(HEATMAP_CMAP, as_cmap=True)
-    fig, ax = plt.subplots(figsize=(7.5, 4.1), layout="constrained")
+    # at most the printed page's width (6.3 in), so the text prints at its drawn size
+    fig, ax = plt.subplots(figsize=(6.1, 3.6), layout="constrained")
     gap = t + 3  # vertical distance between the rows of Q, K and V
     xq = d_in + 5.5
     top = {"Q": 0.0, "K": gap, "V": 2 * gap}
@@ -108,27 +109,28 @@ def qkv_flow(x, q, k, v, scores, weights, out, tokens: Sequence[str]) -> plt.Fig
             va="center",
             fontsize=8,
         )
-    _label(ax, d_in / 2, gap - 0.3, "$x$", f"({t}, {d_in})")
+    _label(ax, d_in / 2, gap - 0.3, "$x$", f"({t}, {d_in})", fontsize=11)
     for name, m in zip("QKV", (q, k, v), strict=True):
         y = top[name]
         _grid(ax, m, xq, y, cmap=vlag, norm=signed)
-        _label(ax, xq + d_k / 2, y - 0.3, f"${name}$", f"({t}, {m.shape[1]})")
+        _label(ax, xq + d_k / 2, y - 0.3, f"${name}$", f"({t}, {m.shape[1]})", 11)
         _arrow(ax, (d_in, gap + t / 2), (xq, y + t / 2))
         # the weight matrix's label sits beside the arrow's head, clear of the line
         below = name == "V"
         ax.text(
             xq - 0.4,
             y + t / 2 + (0.5 if below else -0.6),
-            rf"$\cdot W_{name.lower()}$ ({d_in}, {m.shape[1]})",
+            rf"$\cdot W_{name.lower()}$",  # its shape is in the caption
             ha="right",
             va="top" if below else "bottom",
-            fontsize=9,
+            fontsize=10.5,  # its subscript prints at 7 pt or more
         )
     # the score pipeline runs along the row of K
     xs = xq + d_k + 4.5
+    step = 4.8  # from one stage to the next: room for the stage names
     stages = [
         (scores, None, r"$S = QK^\top/\sqrt{d_k}$", signed, vlag),
-        (scores, future, r"mask $j > i$: $-\infty$", signed, vlag),
+        (scores, future, r"masked $S$", signed, vlag),
         (weights, future, r"$A = \mathrm{softmax}(S)$", None, w_cmap),
     ]
     y = gap
@@ -136,20 +138,20 @@ def qkv_flow(x, q, k, v, scores, weights, out, tokens: Sequence[str]) -> plt.Fig
     for i, (m, masked, name, norm, cmap) in enumerate(stages):
         norm = norm or colors.Normalize(0, 1)
         _grid(ax, m, x0, y, cmap=cmap, norm=norm, masked=masked)
-        _label(ax, x0 + t / 2, y - 0.3, name, f"({t}, {t})")
+        _label(ax, x0 + t / 2, y - 0.3, name, f"({t}, {t})", fontsize=11)
         if i + 1 < len(stages):
-            _arrow(ax, (x0 + t, y + t / 2), (x0 + t + 3.5, y + t / 2))
-        x0 += t + 3.5
+            _arrow(ax, (x0 + t, y + t / 2), (x0 + t + step, y + t / 2))
+        x0 += t + step
     _arrow(ax, (xq + d_k, top["Q"] + t / 2), (xs, y + 1), rad=-0.2)
     _arrow(ax, (xq + d_k, y + t / 2), (xs, y + t / 2))
     # the output: weights times values
-    xo = x0 - 3.5 + 2.5
+    xo = x0 - step + 2.5
     yo = 2 * gap
     _grid(ax, out, xo, yo, cmap=vlag, norm=signed)
     ax.text(  # below the grid: the arrow from A comes in from above
         xo + d_v / 2, yo + t + 0.4, f"$Z = AV$  ({t}, {d_v})", ha="center", va="top"
     )
-    _arrow(ax, (x0 - 3.5 - t / 2, y + t), (xo + d_v / 2, yo), rad=0.0)
+    _arrow(ax, (x0 - step - t / 2, y + t), (xo + d_v / 2, yo), rad=0.0)
     _arrow(
         ax, (xq + d_k, yo + t / 2), (xo, yo + t / 2), r"$A \cdot V$", offset=(0, -0.2)
     )
@@ -211,7 +213,7 @@ def head_split(x, split, heads, out_heads, merged) -> plt.Figure:
     t, d = x.shape
     h, dh = split.shape[1], split.shape[2]
     col_colour = [colors.to_rgba(HEAD_COLOURS[j // dh], 0.35) for j in range(d)]
-    fig, ax = plt.subplots(figsize=(7.5, 2.7), layout="constrained")
+    fig, ax = plt.subplots(figsize=(6.1, 2.4), layout="constrained")
     x0 = 0.0
     panels = []
 
