@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import shared.evaluate
+import shared.evaluation.report
 import shared.serve
 from shared import evaluate, export, generate, serve
 from shared.checkpoint import save_checkpoint
@@ -454,7 +455,7 @@ def test_evaluate_takes_every_kind_of_model(model_folders, monkeypatch, capsys):
         seen.append(model)
         return {"seconds": 0.0}
 
-    monkeypatch.setattr(shared.evaluate, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(shared.evaluation.report, "evaluate_model", fake_evaluate)
     specs = [model_folders[k] for k in KINDS if k != "checkpoint step"]
     reports = evaluate.main(["--model", *specs])
     assert list(reports) == [find_model(s).name for s in specs]
@@ -496,14 +497,14 @@ def no_evaluation(*args, **kwargs):
     ],
 )  # fmt: skip
 def test_evaluate_checks_everything_before_any_work(argv, words, monkeypatch, capsys):
-    monkeypatch.setattr(shared.evaluate, "evaluate_model", no_evaluation)
+    monkeypatch.setattr(shared.evaluation.report, "evaluate_model", no_evaluation)
     started = time.perf_counter()
     assert words in exit_2(capsys, evaluate.main, argv)
     assert time.perf_counter() - started < 60  # not minutes on "base" first
 
 
 def test_evaluate_refuses_two_models_of_one_name(model_folders, monkeypatch, capsys):
-    monkeypatch.setattr(shared.evaluate, "evaluate_model", no_evaluation)
+    monkeypatch.setattr(shared.evaluation.report, "evaluate_model", no_evaluation)
     run = model_folders["checkpoint run"]
     last = exit_2(capsys, evaluate.main, ["--model", run, f"{run}/."])
     assert "two models are named 'run'" in last
